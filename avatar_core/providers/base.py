@@ -1,0 +1,368 @@
+"""The provider protocol, the closed set of job statuses, and what providers share.
+
+A provider module maps one HTTP protocol onto :class:`Provider`; everything two
+providers have in common (HTTP client set-up, HTTP-status-to-error mapping, JSON
+decoding, Retry-After) lives here, and the polling loop lives in ``jobs.py``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Protocol, Union, runtime_checkable
+
+import httpx
+
+from ..errors import (
+    AuthError,
+    AvatarError,
+    CreditsError,
+    InputError,
+    ProtocolError,
+    RateLimited,
+    ResultExpired,
+    SubmitUncertain,
+    TransientError,
+)
+
+Tier = Literal["standard", "pro"]
+ModelVersion = Literal["v1", "v2"]
+TIERS: tuple[Tier, ...] = ("standard", "pro")
+VERSIONS: tuple[ModelVersion, ...] = ("v1", "v2")
+
+PROVIDER_IDS = ("local", "wavespeed", "segmind", "fal", "replicate", "kling")
+
+# (provider, tier, version) -> the provider's model id / slug / endpoint. One table for all.
+MODEL_IDS: Mapping[tuple[str, str, str], str] = {
+    ("wavespeed", "standard", "v1"): "kwaivgi/kling-v1-ai-avatar-standard",
+    ("wavespeed", "pro", "v1"): "kwaivgi/kling-v1-ai-avatar-pro",
+    ("wavespeed", "standard", "v2"): "kwaivgi/kling-v2-ai-avatar-standard",
+    ("wavespeed", "pro", "v2"): "kwaivgi/kling-v2-ai-avatar-pro",
+    ("segmind", "standard", "v1"): "kling-v1-standard-ai-avatar",
+    ("segmind", "pro", "v1"): "kling-v1-pro-ai-avatar",
+    ("segmind", "standard", "v2"): "kling-v2-standard-avatar",
+    ("segmind", "pro", "v2"): "kling-v2-pro-avatar",
+    ("fal", "standard", "v1"): "fal-ai/kling-video/v1/standard/ai-avatar",
+    ("fal", "pro", "v1"): "fal-ai/kling-video/v1/pro/ai-avatar",
+    ("fal", "standard", "v2"): "fal-ai/kling-video/ai-avatar/v2/standard",
+    ("fal", "pro", "v2"): "fal-ai/kling-video/ai-avatar/v2/pro",
+    # Replicate hosts only v2; the tier travels as input "mode".
+    ("replicate", "standard", "v2"): "kwaivgi/kling-avatar-v2",
+    ("replicate", "pro", "v2"): "kwaivgi/kling-avatar-v2",
+    # Kling's own API has one endpoint; the tier travels as "mode".
+    ("kling", "standard", "v1"): "kling-avatar-std",
+    ("kling", "pro", "v1"): "kling-avatar-pro",
+    ("local", "standard", "v1"): "local-preview-720p",
+    ("local", "pro", "v1"): "local-preview-1080p",
+}
+
+
+def model_id(provider: str, tier: str, version: str = "v1") -> str:
+    """The provider's model id for a tier and version, or a clear error if it has none."""
+    try:
+        return MODEL_IDS[(provider, tier, version)]
+    except KeyError:
+        have = sorted({v for (p, _t, v) in MODEL_IDS if p == provider})
+        if not have:
+            raise InputError(f"Unknown provider {provider!r}. Choose one of: {', '.join(PROVIDER_IDS)}.") from None
+        if tier not in TIERS:
+            raise InputError(f"Unknown tier {tier!r}. Choose 'standard' or 'pro'.") from None
+        raise InputError(
+            f"{provider} does not offer model version {version}; it has {', '.join(have)}.",
+            provider=provider,
+        ) from None
+
+
+def versions_for(provider: str) -> list[str]:
+    return sorted({v for (p, _t, v) in MODEL_IDS if p == provider})
+
+
+def default_version(provider: str) -> str:
+    have = versions_for(provider)
+    return "v1" if "v1" in have else have[0]
+
+
+# ---------------------------------------------------------------- job handle + statuses
+
+
+@dataclass(frozen=True)
+class JobHandle:
+    """Everything needed to find a job again; rebuildable from (provider, request_id)."""
+
+    provider: str
+    request_id: str
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class Queued:
+    position: int | None = None
+
+
+@dataclass(frozen=True)
+class Processing:
+    progress: float | None = None  # 0..1 when the provider says
+    logs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Completed:
+    video_url: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+    cancelled: bool = False
+
+
+JobStatus = Union[Queued, Processing, Completed, Failed]
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """What every provider takes: URLs (or data the provider accepts) for image and audio."""
+
+    image_url: str
+    audio_url: str
+    tier: Tier = "standard"
+    version: ModelVersion = "v1"
+    prompt: str = ""
+    audio_seconds: float | None = None
+
+
+ProgressFn = Callable[[int, int], None]
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """One place that runs Kling AI Avatar. All methods are async and raise AvatarError."""
+
+    name: str
+    supports_cancel: bool
+
+    async def upload(self, path: Path, content_type: str, progress: ProgressFn | None = None) -> str:
+        """Make a local file reachable by the provider; return the URL (or data URI) to submit."""
+
+    async def submit(self, request: SubmitRequest) -> JobHandle:
+        """Start a paid job. Called once; never retried when the outcome is unknown."""
+
+    async def status(self, handle: JobHandle) -> JobStatus:
+        """Read the job's status (safe to repeat)."""
+
+    async def result(self, handle: JobHandle) -> Completed:
+        """Fetch the finished job's video URL and metadata (safe to repeat)."""
+
+    async def cancel(self, handle: JobHandle) -> bool:
+        """Ask the provider to cancel; True when it accepted."""
+
+    async def aclose(self) -> None:
+        """Release connections."""
+
+
+# ---------------------------------------------------------------- shared HTTP plumbing
+
+# Connect quickly or give up (the job loop retries reads); reads may be slow on busy days.
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+
+
+def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
+    """Retry-After as seconds: either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - now())
+
+
+def error_text(response: httpx.Response) -> str:
+    """The provider's own words from an error body, whatever its shape, kept short."""
+    try:
+        body = response.json()
+    except ValueError:
+        text = response.text.strip()
+        if text.lower().startswith(("<!doctype", "<html")):
+            return f"HTTP {response.status_code} (an HTML page)"
+        return text[:300] or f"HTTP {response.status_code}"
+    if isinstance(body, dict):
+        for key in ("error", "detail", "message", "title"):
+            val = body.get(key)
+            if isinstance(val, str) and val:
+                return val[:300]
+            if val:
+                return json.dumps(val)[:300]
+    return json.dumps(body)[:300]
+
+
+def raise_for_status(
+    response: httpx.Response,
+    *,
+    provider: str,
+    label: str,
+    request_id: str | None = None,
+) -> None:
+    """Map an HTTP error status to our error tree. 2xx returns quietly."""
+    code = response.status_code
+    if code < 400:
+        return
+    detail = error_text(response)
+    kw = dict(provider=provider, request_id=request_id, status_code=code)
+    if code in (401, 403):
+        raise AuthError(
+            f"{label} refused the API key (HTTP {code}: {detail}). Check the key is right and active.", **kw
+        )
+    if code == 406:
+        raise CreditsError(f"{label} says the account has no credits left ({detail}). Top up, then try again.", **kw)
+    if code == 429:
+        raise RateLimited(
+            f"{label} is rate limiting requests ({detail}).",
+            retry_after=parse_retry_after(response.headers.get("retry-after")),
+            **kw,
+        )
+    if code == 404 and request_id:
+        raise ResultExpired(
+            f"{label} no longer knows job {request_id} (HTTP 404): it expired or never existed.", **kw
+        )
+    if code in (408, 409, 425) or code >= 500:
+        raise TransientError(
+            f"{label} had a temporary problem (HTTP {code}: {detail}).",
+            retry_after=parse_retry_after(response.headers.get("retry-after")),
+            **kw,
+        )
+    raise InputError(f"{label} rejected the request (HTTP {code}: {detail}).", **kw)
+
+
+def decode_json(response: httpx.Response, *, provider: str, label: str, request_id: str | None = None) -> Any:
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise ProtocolError(
+            f"{label} sent a reply that is not valid JSON (HTTP {response.status_code}).",
+            provider=provider,
+            request_id=request_id,
+        ) from exc
+
+
+class HttpProvider:
+    """Base for hosted providers: one AsyncClient, error mapping, and request helpers.
+
+    ``transport`` is injectable so tests and benchmarks can swap the network layer.
+    """
+
+    name = "http"
+    label = "Provider"
+    supports_cancel = False
+
+    def __init__(
+        self,
+        base_url: str,
+        headers: Mapping[str, str],
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url, headers=dict(headers), transport=transport, timeout=timeout
+        )
+
+    def __repr__(self) -> str:  # never shows headers (they hold the key)
+        return f"<{type(self).__name__} {self.base_url}>"
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def request(self, method: str, url: str, *, request_id: str | None = None, **kw) -> httpx.Response:
+        """A read (or upload) request. Network trouble becomes TransientError."""
+        try:
+            response = await self._client.request(method, url, **kw)
+        except httpx.TimeoutException as exc:
+            raise TransientError(
+                f"{self.label} did not answer in time.", provider=self.name, request_id=request_id
+            ) from exc
+        except httpx.TransportError as exc:
+            raise TransientError(
+                f"Could not reach {self.label} ({type(exc).__name__}).", provider=self.name, request_id=request_id
+            ) from exc
+        raise_for_status(response, provider=self.name, label=self.label, request_id=request_id)
+        return response
+
+    async def submit_request(self, method: str, url: str, **kw) -> httpx.Response:
+        """The one paid POST. Only a failure to connect (nothing sent) is safe to report as
+        'not submitted'; anything after the bytes left is SubmitUncertain."""
+        try:
+            response = await self._client.request(method, url, **kw)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise TransientError(
+                f"Could not connect to {self.label}; nothing was submitted, so no job was started.",
+                provider=self.name,
+            ) from exc
+        except httpx.TransportError as exc:
+            raise SubmitUncertain(
+                f"The connection to {self.label} broke after the job was sent, so a paid job may have "
+                f"been created. Check your {self.label} dashboard before submitting again.",
+                provider=self.name,
+            ) from exc
+        if response.status_code >= 500 or response.status_code == 408:
+            # The server may have created the job before failing; do not resubmit blindly.
+            raise SubmitUncertain(
+                f"{self.label} answered HTTP {response.status_code} to the submit ({error_text(response)}). "
+                f"A job may or may not have been created: check your {self.label} dashboard before "
+                "submitting again.",
+                provider=self.name,
+                status_code=response.status_code,
+            )
+        raise_for_status(response, provider=self.name, label=self.label)
+        return response
+
+    def json(self, response: httpx.Response, request_id: str | None = None) -> Any:
+        return decode_json(response, provider=self.name, label=self.label, request_id=request_id)
+
+    def protocol_error(self, what: str, request_id: str | None = None) -> ProtocolError:
+        return ProtocolError(f"{self.label} sent {what}.", provider=self.name, request_id=request_id)
+
+
+def require(mapping: Any, key: str, provider: HttpProvider, request_id: str | None = None) -> Any:
+    """A field the protocol promises; its absence is a ProtocolError, not a KeyError."""
+    if not isinstance(mapping, dict) or key not in mapping or mapping[key] in (None, ""):
+        raise provider.protocol_error(f"a reply without '{key}'", request_id)
+    return mapping[key]
+
+
+__all__ = [
+    "AvatarError",
+    "Completed",
+    "Failed",
+    "HttpProvider",
+    "JobHandle",
+    "JobStatus",
+    "MODEL_IDS",
+    "PROVIDER_IDS",
+    "Processing",
+    "Provider",
+    "Queued",
+    "SubmitRequest",
+    "TIERS",
+    "VERSIONS",
+    "model_id",
+    "raise_for_status",
+]
