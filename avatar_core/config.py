@@ -103,6 +103,9 @@ class Settings:
     # public deployment; only a trusted local setup should switch this on.
     allow_private_urls: bool = False
     db_path: Path | None = None
+    # How long a job usually takes, in seconds, for the polling plan. Empty means the
+    # published averages (then what our own store has seen). Emulator runs set it low.
+    poll_typical_s: float | None = None
 
     def has_key(self, provider: str) -> bool:
         """True when every key the provider needs is configured."""
@@ -161,5 +164,7 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | os.Pa
         kwargs["deadline_s"] = float(merged["AVATAR_DEADLINE_S"])
     if merged.get("AVATAR_MAX_VIDEO_MB"):
         kwargs["max_video_bytes"] = int(float(merged["AVATAR_MAX_VIDEO_MB"]) * 1024 * 1024)
+    if merged.get("AVATAR_POLL_TYPICAL_S"):
+        kwargs["poll_typical_s"] = float(merged["AVATAR_POLL_TYPICAL_S"])
     kwargs["allow_private_urls"] = _truthy(merged.get("AVATAR_ALLOW_PRIVATE_URLS"))
     return Settings(**kwargs)

@@ -73,6 +73,10 @@ class TransientError(AvatarError):
         self.retry_after = retry_after
 
 
+class NotSubmitted(TransientError):
+    """The submit never reached the provider (connection refused): safe to try again."""
+
+
 class ProtocolError(AvatarError):
     """The provider answered with something we do not understand (bad JSON, unknown status)."""
 

@@ -21,6 +21,7 @@ from ..errors import (
     AvatarError,
     CreditsError,
     InputError,
+    NotSubmitted,
     ProtocolError,
     RateLimited,
     ResultExpired,
@@ -207,6 +208,38 @@ def error_text(response: httpx.Response) -> str:
     return json.dumps(body)[:300]
 
 
+def error_for_status(
+    code: int,
+    detail: str,
+    *,
+    provider: str,
+    label: str,
+    request_id: str | None = None,
+    retry_after: float | None = None,
+) -> AvatarError | None:
+    """The error for an HTTP (or envelope) status code; None for success codes."""
+    if code < 400:
+        return None
+    kw = dict(provider=provider, request_id=request_id, status_code=code)
+    if code in (401, 403):
+        return AuthError(
+            f"{label} refused the API key (HTTP {code}: {detail}). Check that the key is right and active.", **kw
+        )
+    if code == 406:
+        return CreditsError(f"{label} says the account has no credits left ({detail}). Top up, then try again.", **kw)
+    if code == 429:
+        return RateLimited(f"{label} is rate limiting requests ({detail}).", retry_after=retry_after, **kw)
+    if code == 404 and request_id:
+        return ResultExpired(
+            f"{label} no longer knows job {request_id} (HTTP 404): it expired or never existed.", **kw
+        )
+    if code in (408, 409, 425) or code >= 500:
+        return TransientError(
+            f"{label} had a temporary problem (HTTP {code}: {detail}).", retry_after=retry_after, **kw
+        )
+    return InputError(f"{label} rejected the request (HTTP {code}: {detail}).", **kw)
+
+
 def raise_for_status(
     response: httpx.Response,
     *,
@@ -215,34 +248,17 @@ def raise_for_status(
     request_id: str | None = None,
 ) -> None:
     """Map an HTTP error status to our error tree. 2xx returns quietly."""
-    code = response.status_code
-    if code < 400:
+    if response.status_code < 400:
         return
-    detail = error_text(response)
-    kw = dict(provider=provider, request_id=request_id, status_code=code)
-    if code in (401, 403):
-        raise AuthError(
-            f"{label} refused the API key (HTTP {code}: {detail}). Check the key is right and active.", **kw
-        )
-    if code == 406:
-        raise CreditsError(f"{label} says the account has no credits left ({detail}). Top up, then try again.", **kw)
-    if code == 429:
-        raise RateLimited(
-            f"{label} is rate limiting requests ({detail}).",
-            retry_after=parse_retry_after(response.headers.get("retry-after")),
-            **kw,
-        )
-    if code == 404 and request_id:
-        raise ResultExpired(
-            f"{label} no longer knows job {request_id} (HTTP 404): it expired or never existed.", **kw
-        )
-    if code in (408, 409, 425) or code >= 500:
-        raise TransientError(
-            f"{label} had a temporary problem (HTTP {code}: {detail}).",
-            retry_after=parse_retry_after(response.headers.get("retry-after")),
-            **kw,
-        )
-    raise InputError(f"{label} rejected the request (HTTP {code}: {detail}).", **kw)
+    error = error_for_status(
+        response.status_code,
+        error_text(response),
+        provider=provider,
+        label=label,
+        request_id=request_id,
+        retry_after=parse_retry_after(response.headers.get("retry-after")),
+    )
+    raise error
 
 
 def decode_json(response: httpx.Response, *, provider: str, label: str, request_id: str | None = None) -> Any:
@@ -278,12 +294,15 @@ class HttpProvider:
         self._client = httpx.AsyncClient(
             base_url=self.base_url, headers=dict(headers), transport=transport, timeout=timeout
         )
+        # For URLs handed to us by the provider (presigned uploads): never send our key there.
+        self._plain = httpx.AsyncClient(transport=transport, timeout=timeout)
 
     def __repr__(self) -> str:  # never shows headers (they hold the key)
         return f"<{type(self).__name__} {self.base_url}>"
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        await self._plain.aclose()
 
     async def __aenter__(self):
         return self
@@ -291,10 +310,16 @@ class HttpProvider:
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
 
-    async def request(self, method: str, url: str, *, request_id: str | None = None, **kw) -> httpx.Response:
-        """A read (or upload) request. Network trouble becomes TransientError."""
+    async def request(
+        self, method: str, url: str, *, request_id: str | None = None, passthrough: tuple[int, ...] = (), **kw
+    ) -> httpx.Response:
+        """A read (or upload) request. Network trouble becomes TransientError.
+
+        Statuses in ``passthrough`` are returned for the caller to interpret (Segmind's 422).
+        """
+        client = self._plain if kw.pop("without_auth", False) else self._client
         try:
-            response = await self._client.request(method, url, **kw)
+            response = await client.request(method, url, **kw)
         except httpx.TimeoutException as exc:
             raise TransientError(
                 f"{self.label} did not answer in time.", provider=self.name, request_id=request_id
@@ -303,7 +328,8 @@ class HttpProvider:
             raise TransientError(
                 f"Could not reach {self.label} ({type(exc).__name__}).", provider=self.name, request_id=request_id
             ) from exc
-        raise_for_status(response, provider=self.name, label=self.label, request_id=request_id)
+        if response.status_code not in passthrough:
+            raise_for_status(response, provider=self.name, label=self.label, request_id=request_id)
         return response
 
     async def submit_request(self, method: str, url: str, **kw) -> httpx.Response:
@@ -312,7 +338,7 @@ class HttpProvider:
         try:
             response = await self._client.request(method, url, **kw)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise TransientError(
+            raise NotSubmitted(
                 f"Could not connect to {self.label}; nothing was submitted, so no job was started.",
                 provider=self.name,
             ) from exc

@@ -1,0 +1,191 @@
+"""The command line: ``python -m avatar_core generate|resume|emulator``.
+
+Prints one line per status change and the final file path; exits 0 on success and
+non-zero with a one-line reason on stderr otherwise. Keys come from the environment or
+``.env`` only (never from arguments, which end up in shell history and process lists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import AsyncIterator, Sequence
+
+from .config import load_settings
+from .errors import AvatarError
+from .events import Done, Downloading, FailedEvent, JobEvent, ProcessingEvent, QueuedEvent, Submitted, Uploading
+from .providers.base import PROVIDER_IDS, TIERS, VERSIONS
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def describe(event: JobEvent) -> str:
+    """One line for a status change, in words."""
+    if isinstance(event, Uploading):
+        return f"uploading {event.what}: {event.sent}/{event.total} bytes"
+    if isinstance(event, Submitted):
+        return f"submitted to {event.provider}: request id {event.request_id}"
+    if isinstance(event, QueuedEvent):
+        where = f" (position {event.position})" if event.position is not None else ""
+        return f"queued{where}"
+    if isinstance(event, ProcessingEvent):
+        pct = f" {event.progress * 100:.0f}%" if event.progress is not None else ""
+        return f"processing{pct}"
+    if isinstance(event, Downloading):
+        return "downloading the video" if event.received == 0 else f"downloaded {event.received} bytes"
+    if isinstance(event, Done):
+        dur = f" ({event.duration_s:.1f} s)" if event.duration_s else ""
+        return f"done{dur}: {event.path}"
+    if isinstance(event, FailedEvent):
+        return f"failed: {event.message}"
+    return str(event)
+
+
+def _status_key(event: JobEvent) -> tuple:
+    """What counts as a change worth a line (elapsed-time heartbeats do not)."""
+    if isinstance(event, (QueuedEvent,)):
+        return ("queued", event.position)
+    if isinstance(event, ProcessingEvent):
+        return ("processing", None if event.progress is None else round(event.progress, 1), event.logs[-1:] )
+    if isinstance(event, Downloading):
+        return ("downloading", event.received == 0, event.received == event.total)
+    if isinstance(event, Uploading):
+        return ("uploading", event.what, event.sent == event.total)
+    return (type(event).__name__,)
+
+
+_submitted: dict[str, str] = {}
+
+
+async def _print_events(events: AsyncIterator[JobEvent], out: Path | None) -> int:
+    last = None
+    async for event in events:
+        if isinstance(event, Submitted):
+            _submitted.update(provider=event.provider, request_id=event.request_id)
+        key = _status_key(event)
+        if isinstance(event, FailedEvent):
+            print(f"error: {event.message}", file=sys.stderr)
+            return EXIT_FAILED
+        if key != last:
+            if not isinstance(event, Done):
+                print(f"[{event.elapsed:6.1f}s] {describe(event)}", flush=True)
+            last = key
+        if isinstance(event, Done):
+            path = event.path
+            if out is not None and Path(out) != path:
+                Path(out).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, out)
+                path = Path(out)
+            dur = f"{event.duration_s:.1f} s" if event.duration_s else "unknown length"
+            print(f"[{event.elapsed:6.1f}s] done: {dur}", flush=True)
+            print(path)
+            return 0
+    print("error: the job ended without a result", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _open_store(settings):
+    try:
+        from .store import JobStore
+
+        return JobStore(settings.store_path)
+    except Exception as exc:  # the job must still run without history
+        logging.getLogger(__name__).warning("job history unavailable: %s", exc)
+        return None
+
+
+async def _generate(args, settings) -> int:
+    from . import jobs
+    from .media.inputs import prepare_inputs
+
+    version = args.version
+    prepared = await asyncio.to_thread(
+        prepare_inputs, args.image, args.audio, provider=args.provider, tier=args.tier,
+        version=version or "v1", settings=settings, trim_silence=args.trim_silence,
+    )
+    for warning in prepared.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    cost = prepared.cost
+    print(f"inputs ok: audio {prepared.audio.duration_s:.1f} s; estimated cost: "
+          f"{cost.text if hasattr(cost, 'text') else cost.usd}", flush=True)
+    image, audio = jobs.inputs_to_send(prepared, args.provider)
+    events = jobs.run_job(
+        args.provider, image, audio, tier=args.tier, version=version, prompt=args.prompt or "",
+        settings=settings, store=_open_store(settings), audio_seconds=prepared.audio.duration_s,
+        estimated_cost_usd=getattr(cost, "usd", None),
+    )
+    return await _print_events(events, args.out)
+
+
+async def _resume(args, settings) -> int:
+    from . import jobs
+
+    events = jobs.resume(args.provider, args.request_id, tier=args.tier, settings=settings,
+                         store=_open_store(settings))
+    return await _print_events(events, args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m avatar_core", description="Talking-avatar videos with Kling AI Avatar.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="make a video from an image and an audio track")
+    gen.add_argument("--provider", choices=PROVIDER_IDS, default="local")
+    gen.add_argument("--tier", choices=TIERS, default="standard")
+    gen.add_argument("--version", choices=VERSIONS, default=None, help="model version (default: v1 where offered)")
+    gen.add_argument("--image", required=True, help="portrait: a file path or a public http(s) URL")
+    gen.add_argument("--audio", required=True, help="voice track: a file path or a public http(s) URL")
+    gen.add_argument("--prompt", default="")
+    gen.add_argument("--trim-silence", action="store_true", help="cut leading/trailing silence (cheaper)")
+    gen.add_argument("--out", type=Path, default=None, help="also copy the video here")
+
+    res = sub.add_parser("resume", help="continue a job submitted earlier")
+    res.add_argument("--provider", choices=PROVIDER_IDS, required=True)
+    res.add_argument("--request-id", required=True)
+    res.add_argument("--tier", choices=TIERS, default=None)
+    res.add_argument("--out", type=Path, default=None)
+
+    emu = sub.add_parser("emulator", help="run the loopback provider emulator (for trying things offline)")
+    emu.add_argument("--port", type=int, default=8787)
+    emu.add_argument("--host", default="127.0.0.1")
+    emu.add_argument("--queue-s", type=float, default=2.0, help="seconds a job stays queued")
+    emu.add_argument("--processing-s", type=float, default=5.0, help="seconds a job stays processing")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "emulator":
+        from .emulator import main_serve
+
+        main_serve(args.port, host=args.host, queue_s=args.queue_s, processing_s=args.processing_s)
+        return 0
+    try:
+        settings = load_settings()
+        if args.command == "generate":
+            return asyncio.run(_generate(args, settings))
+        return asyncio.run(_resume(args, settings))
+    except AvatarError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        if _submitted:
+            print(f"error: interrupted; job {_submitted['request_id']} was cancelled where {_submitted['provider']} "
+                  "allows it, otherwise it keeps running: resume with "
+                  f"`python -m avatar_core resume --provider {_submitted['provider']} "
+                  f"--request-id {_submitted['request_id']}`", file=sys.stderr)
+        else:
+            print("error: interrupted before anything was submitted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

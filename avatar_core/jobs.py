@@ -1,0 +1,680 @@
+"""The one job loop for every provider: upload, submit once, poll, download, report.
+
+``run_job`` and ``resume`` are async generators of :mod:`avatar_core.events`. They never
+raise for a job that goes wrong: the last event is then a :class:`FailedEvent` whose
+message says what happened, what to do, and the request id. Closing the generator (or
+cancelling the task that iterates it) cancels the remote job where the provider can.
+
+Promises kept here:
+- the submit POST is sent once; it is repeated only when it provably never arrived
+  (connection refused) or was refused with 429, since a duplicate is a second paid job;
+- the request id goes to the store (and the log) the moment submit returns, before
+  anything else can fail;
+- reads are retried on 429/5xx/network errors with capped exponential backoff,
+  honouring Retry-After;
+- every wait is bounded by the overall deadline; at the deadline the remote job is left
+  running and the user is told how to resume it;
+- the finished video is streamed to the output folder (size capped, type checked), so
+  it still plays after the provider's link expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import shutil
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
+from urllib.parse import unquote, urlparse
+
+import httpx
+
+from .config import Settings, load_settings
+from .errors import (
+    AvatarError,
+    InputError,
+    JobCancelled,
+    JobFailed,
+    JobTimedOut,
+    NotSubmitted,
+    ProtocolError,
+    RateLimited,
+    ResultExpired,
+    ResultInvalid,
+    TransientError,
+)
+from .events import (
+    Done,
+    Downloading,
+    FailedEvent,
+    JobEvent,
+    ProcessingEvent,
+    QueuedEvent,
+    Submitted,
+    Uploading,
+)
+from .polling import PollSchedule, backoff
+from .providers import LABELS, make_provider
+from .providers.base import (
+    Completed,
+    Failed,
+    JobHandle,
+    Processing,
+    Provider,
+    Queued,
+    SubmitRequest,
+    default_version,
+    model_id,
+)
+
+log = logging.getLogger("avatar_core.jobs")
+
+# Kling's documented prompt limit; the strictest of the providers.
+MAX_PROMPT_CHARS = 2500
+# Consecutive failed reads before we stop trying: with the 30 s backoff cap this is
+# roughly ten minutes of a provider outage, after which the user is told to resume later.
+MAX_READ_FAILURES = 20
+# A reply we cannot parse may be a passing glitch (a proxy's error page); three in a row is not.
+MAX_PROTOCOL_ERRORS = 3
+# The submit is repeated only when it never arrived; a few tries cover a blip.
+MAX_SUBMIT_TRIES = 3
+# How often the generator reports elapsed time while it waits between polls.
+HEARTBEAT_S = 1.0
+# Download chunk size: large enough for throughput, small enough that memory stays flat.
+DOWNLOAD_CHUNK = 256 * 1024
+MAX_DOWNLOAD_TRIES = 4
+VIDEO_CONTENT_TYPES = ("video/", "application/octet-stream", "binary/octet-stream", "application/mp4")
+
+Sleep = Callable[[float], Awaitable[None]]
+Clock = Callable[[], float]
+
+
+@dataclass
+class _Context:
+    provider: Provider
+    settings: Settings
+    store: Any
+    owner: str | None
+    clock: Clock
+    sleep: Sleep
+    transport: httpx.AsyncBaseTransport | None
+    start: float
+    deadline_s: float
+    schedule: PollSchedule
+    tier: str
+    out_path: Path | None
+    handle: JobHandle | None = None
+    last_status: str | None = None
+    finished: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    @property
+    def label(self) -> str:
+        return LABELS.get(self.provider.name, self.provider.name)
+
+    def remaining(self) -> float:
+        return self.deadline_s - self.elapsed()
+
+
+# ------------------------------------------------------------------------- public API
+
+
+async def run_job(
+    provider: str,
+    image: str | os.PathLike,
+    audio: str | os.PathLike,
+    *,
+    tier: str = "standard",
+    version: str | None = None,
+    prompt: str = "",
+    settings: Settings | None = None,
+    api_key: str | None = None,
+    store: Any = None,
+    owner: str | None = None,
+    audio_seconds: float | None = None,
+    estimated_cost_usd: float | None = None,
+    out_path: Path | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    client: Provider | None = None,
+    clock: Clock = time.monotonic,
+    sleep: Sleep = asyncio.sleep,
+    schedule: PollSchedule | None = None,
+) -> AsyncIterator[JobEvent]:
+    """Run one job from local files or public URLs to a local MP4. See the module doc."""
+    settings = settings or load_settings()
+    try:
+        version = version or default_version(provider)
+        model = model_id(provider, tier, version)
+        prompt = clean_prompt(prompt)
+        provider_obj = client or make_provider(provider, settings, api_key=api_key, transport=transport)
+    except AvatarError as exc:
+        yield _failed_event(exc, provider, None, 0.0)
+        return
+    ctx = _make_context(provider_obj, settings, store, owner, clock, sleep, transport, tier, out_path, schedule)
+    try:
+        async for event in _guarded(ctx, _new_job(ctx, image, audio, tier, version, model, prompt,
+                                                  audio_seconds, estimated_cost_usd)):
+            yield event
+    finally:
+        if client is None:
+            await provider_obj.aclose()
+
+
+async def resume(
+    provider: str,
+    request_id: str,
+    *,
+    tier: str | None = None,
+    settings: Settings | None = None,
+    api_key: str | None = None,
+    store: Any = None,
+    owner: str | None = None,
+    out_path: Path | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    client: Provider | None = None,
+    clock: Clock = time.monotonic,
+    sleep: Sleep = asyncio.sleep,
+    schedule: PollSchedule | None = None,
+) -> AsyncIterator[JobEvent]:
+    """Continue a job submitted earlier (by this app, the CLI, or elsewhere) to its video."""
+    settings = settings or load_settings()
+    request_id = (request_id or "").strip()
+    record = _store_call(store, "get", provider, request_id) if store is not None and request_id else None
+    if record is not None and owner is not None and getattr(record, "owner", None) not in (None, owner):
+        # Someone else's job: behave as if it were not in the store at all.
+        record = None
+    try:
+        if not request_id or not re.fullmatch(r"[A-Za-z0-9._:\-]{1,200}", request_id):
+            raise InputError("Enter the request id exactly as the provider gave it (letters, digits, - _ . :).")
+        provider_obj = client or make_provider(provider, settings, api_key=api_key, transport=transport)
+    except AvatarError as exc:
+        yield _failed_event(exc, provider, request_id or None, 0.0)
+        return
+    tier = tier or getattr(record, "tier", None) or "standard"
+    ctx = _make_context(provider_obj, settings, store, owner, clock, sleep, transport, tier, out_path, schedule)
+    if record is not None and getattr(record, "created_at", None):
+        ctx.start -= max(0.0, time.time() - float(record.created_at))
+    ctx.handle = JobHandle(provider, request_id, getattr(record, "model", None))
+    if store is not None and record is None:
+        _store_call(store, "record_submitted", provider=provider, request_id=request_id, model=None, tier=tier,
+                    version=None, prompt="", image_name=None, audio_name=None, audio_seconds=None,
+                    estimated_cost_usd=None, owner=owner)
+    try:
+        yield Submitted(provider, request_id, ctx.handle.model, ctx.elapsed())
+        async for event in _guarded(ctx, _follow(ctx)):
+            yield event
+    finally:
+        if client is None:
+            await provider_obj.aclose()
+
+
+def inputs_to_send(prepared: Any, provider: str) -> tuple[str, str]:
+    """What to give the provider for each checked input: the original public URL when the
+    checks changed nothing (no upload needed), else the normalised local file."""
+    chosen = []
+    for check in (prepared.image, prepared.audio):
+        url = getattr(check, "source_url", None)
+        unchanged = not getattr(check, "converted", True)
+        if url and unchanged and provider != "local":
+            chosen.append(url)
+        else:
+            chosen.append(str(check.path))
+    return chosen[0], chosen[1]
+
+
+def clean_prompt(prompt: str | None) -> str:
+    """The prompt as sent: control characters removed, whitespace folded, length checked."""
+    text = "".join(
+        ch if ch in "\n\t" or unicodedata.category(ch)[0] != "C" else " " for ch in (prompt or "")
+    )
+    text = re.sub(r"[ \t]+", " ", text).strip()
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InputError(
+            f"The prompt is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}. Shorten it and try again."
+        )
+    return text
+
+
+# ------------------------------------------------------------------------- the stages
+
+
+def _make_context(provider_obj, settings, store, owner, clock, sleep, transport, tier, out_path, schedule):
+    typical = settings.poll_typical_s
+    if typical is None and store is not None:
+        typical = _store_call(store, "typical_duration", provider_obj.name, tier)
+    return _Context(
+        provider=provider_obj,
+        settings=settings,
+        store=store,
+        owner=owner,
+        clock=clock,
+        sleep=sleep,
+        transport=transport,
+        start=clock(),
+        deadline_s=settings.deadline_s,
+        schedule=schedule or PollSchedule.for_job(provider_obj.name, tier, typical_s=typical),
+        tier=tier,
+        out_path=out_path,
+    )
+
+
+async def _guarded(ctx: _Context, stages: AsyncIterator[JobEvent]) -> AsyncIterator[JobEvent]:
+    """Turn errors into a final FailedEvent, and a cancelled consumer into a remote cancel."""
+    try:
+        async for event in stages:
+            yield event
+    except AvatarError as exc:
+        if ctx.handle is not None and exc.request_id is None:
+            exc.request_id = ctx.handle.request_id
+        _record_end(ctx, exc)
+        yield _failed_event(exc, ctx.provider.name, ctx.handle.request_id if ctx.handle else None, ctx.elapsed())
+    except (asyncio.CancelledError, GeneratorExit):
+        await _cancel_remote(ctx)
+        raise
+    except Exception as exc:  # a bug of ours: keep the job findable, show no traceback
+        log.exception("unexpected error in job %s", ctx.handle.request_id if ctx.handle else "(not submitted)")
+        rid = ctx.handle.request_id if ctx.handle else None
+        message = f"Something went wrong in this app ({type(exc).__name__})."
+        if rid:
+            message += f" Your job may still be running at {ctx.label}: resume it with request id {rid}."
+        _update(ctx, status="failed", error=message)
+        yield FailedEvent(message, ctx.provider.name, rid, "InternalError", ctx.elapsed())
+
+
+async def _new_job(ctx, image, audio, tier, version, model, prompt, audio_seconds, cost) -> AsyncIterator[JobEvent]:
+    urls = {}
+    for what, source in (("image", image), ("audio", audio)):
+        async for event in _input_url(ctx, what, source, urls):
+            yield event
+    request = SubmitRequest(
+        image_url=urls["image"], audio_url=urls["audio"], tier=tier, version=version, prompt=prompt,
+        audio_seconds=audio_seconds,
+    )
+    ctx.handle = await _submit_once(ctx, request)
+    # Before anything else can fail: the request id goes to the log and the store.
+    log.info("submitted %s job %s (model %s)", ctx.provider.name, ctx.handle.request_id, ctx.handle.model or model)
+    _store_call(
+        ctx.store, "record_submitted",
+        provider=ctx.provider.name, request_id=ctx.handle.request_id, model=ctx.handle.model or model, tier=tier,
+        version=version, prompt=prompt, image_name=_display_name(image), audio_name=_display_name(audio),
+        audio_seconds=audio_seconds, estimated_cost_usd=cost, owner=ctx.owner,
+    )
+    _update(ctx, status="submitted")
+    yield Submitted(ctx.provider.name, ctx.handle.request_id, ctx.handle.model or model, ctx.elapsed())
+    async for event in _follow(ctx):
+        yield event
+
+
+async def _input_url(ctx: _Context, what: str, source, urls: dict) -> AsyncIterator[JobEvent]:
+    text = os.fspath(source) if isinstance(source, os.PathLike) else str(source or "")
+    scheme = urlparse(text).scheme.lower()
+    if scheme in ("http", "https"):
+        urls[what] = text  # a public URL is passed through as is
+        return
+    path = Path(text)
+    if not text or not path.is_file():
+        raise InputError(f"The {what} file {text or '(none)'} was not found. Choose the file again.")
+    size = path.stat().st_size
+    yield Uploading(what, 0, size, ctx.elapsed())
+    urls[what] = await _with_retries(ctx, lambda: ctx.provider.upload(path, _content_type(path)), f"{what} upload")
+    yield Uploading(what, size, size, ctx.elapsed())
+
+
+async def _submit_once(ctx: _Context, request: SubmitRequest) -> JobHandle:
+    for attempt in range(1, MAX_SUBMIT_TRIES + 1):
+        try:
+            return await ctx.provider.submit(request)
+        except (NotSubmitted, RateLimited) as exc:
+            # Provably not created: the connection never opened, or the provider refused it.
+            if attempt == MAX_SUBMIT_TRIES or ctx.remaining() <= 0:
+                raise
+            await ctx.sleep(min(backoff(attempt, getattr(exc, "retry_after", None)), max(0.0, ctx.remaining())))
+    raise AssertionError("unreachable")
+
+
+async def _follow(ctx: _Context) -> AsyncIterator[JobEvent]:
+    """Poll until the job ends, then download the video."""
+    handle = ctx.handle
+    assert handle is not None
+    name = ctx.provider.name
+    failures = 0
+    protocol_errors = 0
+    while True:
+        if ctx.remaining() <= 0:
+            raise _timed_out(ctx)
+        try:
+            status = await ctx.provider.status(handle)
+            failures = protocol_errors = 0
+        except (TransientError, RateLimited, ProtocolError) as exc:
+            failures += 1
+            if isinstance(exc, ProtocolError):
+                protocol_errors += 1
+                if protocol_errors >= MAX_PROTOCOL_ERRORS:
+                    raise ProtocolError(
+                        f"{exc.message} The job may still be running: resume it later with request id "
+                        f"{handle.request_id}.", provider=name, request_id=handle.request_id,
+                    ) from exc
+            if failures >= MAX_READ_FAILURES:
+                raise TransientError(
+                    f"{ctx.label} has not answered properly for a while ({exc.message}). The job may still be "
+                    f"running: resume it later with request id {handle.request_id}.",
+                    provider=name, request_id=handle.request_id,
+                ) from exc
+            log.warning("status read %d failed for %s: %s", failures, handle.request_id, exc.message)
+            await _wait(ctx, backoff(failures, getattr(exc, "retry_after", None)), None)
+            continue
+
+        if isinstance(status, Failed):
+            cls = JobCancelled if status.cancelled else JobFailed
+            raise cls(f"{ctx.label} reports the job failed: {status.message}", provider=name,
+                      request_id=handle.request_id)
+        if isinstance(status, Completed):
+            break
+        if isinstance(status, Queued):
+            event = QueuedEvent(name, handle.request_id, status.position, ctx.elapsed(), ctx.schedule.typical_s)
+            _update(ctx, status="queued")
+        else:
+            assert isinstance(status, Processing)
+            event = ProcessingEvent(name, handle.request_id, ctx.elapsed(), ctx.schedule.typical_s,
+                                    status.progress, status.logs)
+            _update(ctx, status="processing")
+        yield event
+        async for beat in _wait(ctx, ctx.schedule.interval(ctx.elapsed()), event):
+            yield beat
+
+    completed = status
+    if not completed.video_url:
+        completed = await _with_retries(ctx, lambda: ctx.provider.result(handle), "result read")
+    _update(ctx, status="downloading", provider_timings=dict(completed.metadata))
+    dest = ctx.out_path or _default_output(ctx.settings, handle)
+    async for event in _download(ctx, completed.video_url, dest):
+        yield event
+    duration = probe_duration(dest)
+    metadata = {**completed.metadata, "model": handle.model, "tier": ctx.tier}
+    ctx.finished = True
+    _update(ctx, status="completed", output_path=str(dest), metadata=_jsonable(metadata))
+    yield Done(name, handle.request_id, dest, duration, metadata, ctx.elapsed())
+
+
+def _wait(ctx: _Context, seconds: float, heartbeat) -> "_Waiter":
+    """Sleep ``seconds`` (never past the deadline); re-yield ``heartbeat`` with fresh elapsed time.
+
+    Used both as ``await _wait(...)`` (no heartbeat) and ``async for`` (with one).
+    """
+    return _Waiter(ctx, seconds, heartbeat)
+
+
+class _Waiter:
+    def __init__(self, ctx: _Context, seconds: float, heartbeat) -> None:
+        self.ctx, self.end, self.heartbeat = ctx, ctx.clock() + max(0.0, min(seconds, max(0.0, ctx.remaining()))), heartbeat
+
+    def __await__(self):
+        return self._sleep_all().__await__()
+
+    async def _sleep_all(self) -> None:
+        await self.ctx.sleep(max(0.0, self.end - self.ctx.clock()))
+
+    def __aiter__(self):
+        return self._beats()
+
+    async def _beats(self):
+        while True:
+            left = self.end - self.ctx.clock()
+            if left <= 0:
+                return
+            await self.ctx.sleep(min(HEARTBEAT_S, left))
+            if self.heartbeat is not None and self.end - self.ctx.clock() > 0.05:
+                yield _with_elapsed(self.heartbeat, self.ctx.elapsed())
+
+
+def _with_elapsed(event, elapsed: float):
+    from dataclasses import replace
+
+    return replace(event, elapsed=elapsed)
+
+
+async def _with_retries(ctx: _Context, call: Callable[[], Awaitable[Any]], what: str) -> Any:
+    """Repeat a safe request on transient trouble, with backoff, within the deadline."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await call()
+        except (TransientError, RateLimited) as exc:
+            if attempt >= MAX_DOWNLOAD_TRIES or ctx.remaining() <= 0:
+                raise
+            log.warning("%s failed (attempt %d): %s", what, attempt, exc.message)
+            await _wait(ctx, backoff(attempt, getattr(exc, "retry_after", None)), None)
+
+
+# ------------------------------------------------------------------------- download
+
+
+async def _download(ctx: _Context, url: str, dest: Path) -> AsyncIterator[JobEvent]:
+    handle = ctx.handle
+    assert handle is not None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        # Only the in-process renderer may hand over a local file.
+        if ctx.provider.name != "local":
+            raise ResultInvalid(
+                f"{ctx.label} returned a local file path instead of a web link; refusing to read it.",
+                provider=ctx.provider.name, request_id=handle.request_id,
+            )
+        src = Path(unquote(parsed.path))
+        size = src.stat().st_size
+        shutil.move(str(src), dest)
+        yield Downloading(ctx.provider.name, handle.request_id, size, size, ctx.elapsed())
+        return
+    if parsed.scheme not in ("http", "https"):
+        raise ResultInvalid(f"{ctx.label} returned an unusable video link ({parsed.scheme or 'no scheme'}).",
+                            provider=ctx.provider.name, request_id=handle.request_id)
+    for attempt in range(1, MAX_DOWNLOAD_TRIES + 1):
+        try:
+            async for event in _download_once(ctx, url, dest):
+                yield event
+            return
+        except TransientError as exc:
+            if attempt == MAX_DOWNLOAD_TRIES or ctx.remaining() <= 0:
+                raise TransientError(
+                    f"The finished video could not be downloaded from {ctx.label} ({exc.message}). It is kept "
+                    f"there for a limited time: resume with request id {handle.request_id} to try again.",
+                    provider=ctx.provider.name, request_id=handle.request_id,
+                ) from exc
+            await _wait(ctx, backoff(attempt, exc.retry_after), None)
+
+
+async def _download_once(ctx: _Context, url: str, dest: Path) -> AsyncIterator[JobEvent]:
+    handle = ctx.handle
+    name, rid = ctx.provider.name, handle.request_id
+    cap = ctx.settings.max_video_bytes
+    part = dest.with_name(dest.name + ".part")
+    # A separate client with no provider headers: the video host never sees the API key.
+    async with httpx.AsyncClient(transport=ctx.transport, timeout=httpx.Timeout(60.0, connect=10.0),
+                                 follow_redirects=True) as client:
+        try:
+            async with client.stream("GET", url) as response:
+                if response.status_code in (401, 403, 404, 410):
+                    raise ResultExpired(
+                        f"{ctx.label} no longer serves the finished video (HTTP {response.status_code}); "
+                        "providers delete results after a while. Generate it again.",
+                        provider=name, request_id=rid, status_code=response.status_code,
+                    )
+                if response.status_code == 429 or response.status_code >= 500:
+                    raise TransientError(f"the video host answered HTTP {response.status_code}",
+                                         provider=name, request_id=rid, status_code=response.status_code)
+                if response.status_code != 200:
+                    raise ResultInvalid(f"The video link answered HTTP {response.status_code}.",
+                                        provider=name, request_id=rid, status_code=response.status_code)
+                ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
+                if ctype and not ctype.startswith(VIDEO_CONTENT_TYPES):
+                    raise ResultInvalid(
+                        f"{ctx.label}'s video link served {ctype} instead of a video. Try resuming later "
+                        f"with request id {rid}.", provider=name, request_id=rid,
+                    )
+                total = int(response.headers.get("content-length") or 0) or None
+                if total and total > cap:
+                    raise ResultInvalid(
+                        f"The video is {total / 1e6:.0f} MB, over this app's {cap / 1e6:.0f} MB limit "
+                        "(AVATAR_MAX_VIDEO_MB).", provider=name, request_id=rid,
+                    )
+                received = 0
+                yield Downloading(name, rid, 0, total, ctx.elapsed())
+                last_report = ctx.clock()
+                with part.open("wb") as fh:
+                    async for chunk in response.aiter_bytes(DOWNLOAD_CHUNK):
+                        if received == 0 and len(chunk) >= 8 and chunk[4:8] != b"ftyp":
+                            raise ResultInvalid(
+                                f"{ctx.label}'s video link served something that is not an MP4 video.",
+                                provider=name, request_id=rid,
+                            )
+                        received += len(chunk)
+                        if received > cap:
+                            raise ResultInvalid(
+                                f"The video is over this app's {cap / 1e6:.0f} MB limit (AVATAR_MAX_VIDEO_MB).",
+                                provider=name, request_id=rid,
+                            )
+                        fh.write(chunk)
+                        if ctx.clock() - last_report >= 0.5:
+                            last_report = ctx.clock()
+                            yield Downloading(name, rid, received, total, ctx.elapsed())
+                if total and received != total:
+                    raise TransientError("the download ended early", provider=name, request_id=rid)
+            part.replace(dest)
+            yield Downloading(name, rid, received, total or received, ctx.elapsed())
+        except httpx.TransportError as exc:
+            raise TransientError(f"the download broke off ({type(exc).__name__})", provider=name,
+                                 request_id=rid) from exc
+        finally:
+            part.unlink(missing_ok=True)
+
+
+def probe_duration(path: Path) -> float | None:
+    """The MP4's duration in seconds, from its container (None if it cannot be read)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if container.duration:
+                return container.duration / 1_000_000
+            stream = container.streams.video[0] if container.streams.video else None
+            if stream is not None and stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+    except (av.error.FFmpegError, OSError, IndexError):
+        return None
+    return None
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+async def _cancel_remote(ctx: _Context) -> None:
+    if ctx.handle is None or ctx.finished:
+        return
+    cancelled = False
+    if ctx.provider.supports_cancel:
+        try:
+            # Shielded and bounded: the consumer is already gone, but the job costs money.
+            cancelled = await asyncio.wait_for(asyncio.shield(ctx.provider.cancel(ctx.handle)), timeout=10)
+        except (AvatarError, asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            log.warning("could not cancel %s: %s", ctx.handle.request_id, exc)
+    detail = "cancelled at the provider" if cancelled else "stopped waiting; the provider cannot cancel"
+    _update(ctx, status="cancelled" if cancelled else "stopped", detail=detail)
+
+
+def _timed_out(ctx: _Context) -> JobTimedOut:
+    minutes = ctx.deadline_s / 60
+    rid = ctx.handle.request_id if ctx.handle else None
+    return JobTimedOut(
+        f"The job was not finished after {minutes:.0f} minutes, so this app stopped waiting. It keeps running at "
+        f"{ctx.label} and can be resumed with request id {rid} (History tab, or "
+        f"`python -m avatar_core resume --provider {ctx.provider.name} --request-id {rid}`).",
+        provider=ctx.provider.name, request_id=rid,
+    )
+
+
+_END_STATUS = {
+    "JobCancelled": "cancelled",
+    "JobTimedOut": "timed_out",
+    "ResultExpired": "expired",
+}
+
+
+def _record_end(ctx: _Context, exc: AvatarError) -> None:
+    if ctx.handle is None:
+        return
+    _update(ctx, status=_END_STATUS.get(type(exc).__name__, "failed"), error=str(exc))
+
+
+def _failed_event(exc: AvatarError, provider: str, request_id: str | None, elapsed: float) -> FailedEvent:
+    rid = exc.request_id or request_id
+    message = exc.message
+    if rid and rid not in message:
+        message = f"{message} (request id: {rid})"
+    return FailedEvent(message, provider, rid, type(exc).__name__, elapsed)
+
+
+def _update(ctx: _Context, **fields) -> None:
+    if ctx.store is None or ctx.handle is None:
+        return
+    status = fields.get("status")
+    if status is not None and status == ctx.last_status and len(fields) == 1:
+        return
+    ctx.last_status = status or ctx.last_status
+    _store_call(ctx.store, "update", ctx.handle.provider, ctx.handle.request_id, **fields)
+
+
+def _store_call(store: Any, method: str, *args, **kwargs):
+    """A store problem must never cost the user the job: log it and carry on."""
+    if store is None:
+        return None
+    try:
+        return getattr(store, method)(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - the store is best effort by design
+        log.exception("job store %s failed", method)
+        return None
+
+
+def _default_output(settings: Settings, handle: JobHandle) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", handle.request_id)[:120]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(settings.output_dir) / "videos" / f"{stamp}-{handle.provider}-{safe}.mp4"
+
+
+def _display_name(source) -> str | None:
+    text = os.fspath(source) if isinstance(source, os.PathLike) else str(source or "")
+    if not text:
+        return None
+    if urlparse(text).scheme in ("http", "https"):
+        return text.split("?")[0][-200:]
+    return Path(text).name
+
+
+_CONTENT_TYPES = {
+    ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
+    ".mp3": "audio/mpeg", ".wav": "audio/wav", ".m4a": "audio/mp4", ".aac": "audio/aac",
+    ".ogg": "audio/ogg", ".flac": "audio/flac", ".mp4": "video/mp4",
+}
+
+
+def _content_type(path: Path) -> str:
+    return _CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
