@@ -159,11 +159,12 @@ async def run_job(
         yield _failed_event(exc, provider, None, 0.0)
         return
     ctx = _make_context(provider_obj, settings, store, owner, clock, sleep, transport, tier, out_path, schedule)
+    drive = _drive(ctx, _new_job(ctx, image, audio, tier, version, model, prompt, audio_seconds, estimated_cost_usd))
     try:
-        async for event in _guarded(ctx, _new_job(ctx, image, audio, tier, version, model, prompt,
-                                                  audio_seconds, estimated_cost_usd)):
+        async for event in drive:
             yield event
     finally:
+        await drive.aclose()  # a consumer that left early cancels the remote job in there
         if client is None:
             await provider_obj.aclose()
 
@@ -207,11 +208,13 @@ async def resume(
         _store_call(store, "record_submitted", provider=provider, request_id=request_id, model=None, tier=tier,
                     version=None, prompt="", image_name=None, audio_name=None, audio_seconds=None,
                     estimated_cost_usd=None, owner=owner)
+    drive = _drive(ctx, _follow(ctx))
     try:
         yield Submitted(provider, request_id, ctx.handle.model, ctx.elapsed())
-        async for event in _guarded(ctx, _follow(ctx)):
+        async for event in drive:
             yield event
     finally:
+        await drive.aclose()
         if client is None:
             await provider_obj.aclose()
 
@@ -266,8 +269,22 @@ def _make_context(provider_obj, settings, store, owner, clock, sleep, transport,
     )
 
 
+async def _drive(ctx: _Context, stages: AsyncIterator[JobEvent]) -> AsyncIterator[JobEvent]:
+    """Run the stages; if our consumer goes away (closed generator, cancelled task), cancel
+    the remote job where the provider allows it, and record what happened."""
+    inner = _guarded(ctx, stages)
+    try:
+        async for event in inner:
+            yield event
+    except (asyncio.CancelledError, GeneratorExit):
+        await _cancel_remote(ctx)
+        raise
+    finally:
+        await inner.aclose()
+
+
 async def _guarded(ctx: _Context, stages: AsyncIterator[JobEvent]) -> AsyncIterator[JobEvent]:
-    """Turn errors into a final FailedEvent, and a cancelled consumer into a remote cancel."""
+    """Turn errors into a final FailedEvent that says what to do."""
     try:
         async for event in stages:
             yield event
@@ -276,9 +293,6 @@ async def _guarded(ctx: _Context, stages: AsyncIterator[JobEvent]) -> AsyncItera
             exc.request_id = ctx.handle.request_id
         _record_end(ctx, exc)
         yield _failed_event(exc, ctx.provider.name, ctx.handle.request_id if ctx.handle else None, ctx.elapsed())
-    except (asyncio.CancelledError, GeneratorExit):
-        await _cancel_remote(ctx)
-        raise
     except Exception as exc:  # a bug of ours: keep the job findable, show no traceback
         log.exception("unexpected error in job %s", ctx.handle.request_id if ctx.handle else "(not submitted)")
         rid = ctx.handle.request_id if ctx.handle else None
