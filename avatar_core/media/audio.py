@@ -1,0 +1,294 @@
+"""Voice track checks, decoding, silence trimming, conversion and the loudness envelope.
+
+Everything goes through PyAV (there is no system ffmpeg/ffprobe). ``probe`` reads only
+the container headers; ``decode`` turns the first audio stream (also the sound track of
+a video) into a pydub ``AudioSegment`` built from raw PCM, so pydub never shells out.
+Output files are written by PyAV: MP3 for hosted providers (small uploads: 300 s at
+128 kbit/s is 4.8 MB, under Kling's 5 MB inline limit), WAV for the local renderer
+(lossless, nothing to decode twice).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Mapping
+
+import av
+import numpy as np
+
+with warnings.catch_warnings():
+    # pydub looks for ffmpeg on import and warns when there is none; we never use it.
+    warnings.simplefilter("ignore", RuntimeWarning)
+    from pydub import AudioSegment
+
+from ..errors import InputError
+
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class AudioLimits:
+    """What one provider accepts. ``max_bytes`` None = no published size limit."""
+
+    min_s: float
+    max_s: float
+    max_bytes: int | None
+    output: Literal["mp3", "wav"]
+    why: str  # why this output format, shown to the user
+
+
+# The ONE table of per-provider audio limits (PROVIDERS.md "Input limits": 2 s to 300 s;
+# older pages said 60 s, so each provider keeps its own row to change independently).
+_MP3_WHY = "MP3 keeps the upload small"
+AUDIO_LIMITS: Mapping[str, AudioLimits] = {
+    "local": AudioLimits(2.0, 300.0, None, "wav", "WAV: lossless and read directly by the local renderer"),
+    "wavespeed": AudioLimits(2.0, 300.0, 50 * MB, "mp3", f"{_MP3_WHY} (WaveSpeed takes audio uploads up to 50 MB)"),
+    "segmind": AudioLimits(2.0, 300.0, None, "mp3", f"{_MP3_WHY} (Segmind uploads travel as base64 data URLs)"),
+    "fal": AudioLimits(2.0, 300.0, None, "mp3", f"{_MP3_WHY} (fal.ai files travel as data URIs)"),
+    "replicate": AudioLimits(2.0, 300.0, None, "mp3", f"{_MP3_WHY} (Replicate deletes inputs after 1 hour anyway)"),
+    "kling": AudioLimits(2.0, 300.0, 5 * MB, "mp3", f"{_MP3_WHY}: Kling takes audio inline only up to 5 MB"),
+}
+
+# 128 kbit/s: transparent for speech, and 300 s (the longest allowed) is 4.8 MB < 5 MB.
+MP3_BITRATE = 128_000
+# Fallback when a file would still be over a provider's byte limit; speech stays clear.
+MP3_BITRATE_SMALL = 64_000
+# libmp3lame only takes these rates; anything else is resampled to 44.1 kHz.
+_MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+
+# Silence: RMS below -50 dBFS in 20 ms windows. A quiet room recorded on a phone sits
+# around -60..-55 dBFS; the softest speech is well above -45 dBFS.
+SILENCE_DBFS = -50.0
+SILENCE_WINDOW_S = 0.02
+# Keep this much of the silence next to the speech when trimming, so soft onsets and
+# trailing breaths are not cut and the avatar does not start talking on frame one.
+TRIM_PADDING_S = 0.25
+# Trims shorter than this are not worth a re-encode.
+MIN_TRIM_S = 0.3
+
+# Probing beyond the 300 s limit by this factor refuses a long file before decoding it.
+_PROBE_SLACK = 1.05
+
+_FRIENDLY_CODECS = {"mp3float": "mp3", "mp3": "mp3", "aac": "aac", "aac_fixed": "aac", "flac": "flac",
+                    "vorbis": "vorbis", "libvorbis": "vorbis", "opus": "opus", "libopus": "opus"}
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What the container headers say, without decoding the samples."""
+
+    duration_s: float | None  # None when the container does not say
+    codec: str
+    sample_rate: int
+    channels: int
+    container: str
+    has_video: bool
+
+
+def limits_for(provider: str) -> AudioLimits:
+    """The provider's row of :data:`AUDIO_LIMITS`, or InputError naming the choices."""
+    try:
+        return AUDIO_LIMITS[provider]
+    except KeyError:
+        raise InputError(f"Unknown provider {provider!r}. Choose one of: {', '.join(AUDIO_LIMITS)}.") from None
+
+
+def _name(path: Path) -> str:
+    return path.name or str(path)
+
+
+def _open(path: Path):
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise InputError(f"The audio file {_name(path)} was not found. Choose the file again.") from None
+    if size == 0:
+        raise InputError(f"The audio file {_name(path)} is empty (0 bytes). Record or export it again.")
+    try:
+        return av.open(str(path), metadata_errors="ignore")
+    except av.error.InvalidDataError as exc:
+        raise InputError(
+            f"{_name(path)} is not an audio file we can read. Use MP3, WAV, M4A/AAC, OGG, FLAC, WebM "
+            "or a video with sound."
+        ) from exc
+    except av.error.FFmpegError as exc:
+        raise InputError(f"{_name(path)} could not be opened as audio ({exc.strerror}). Export it again as MP3 or WAV.") from exc
+
+
+def _codec_name(stream) -> str:
+    name = stream.codec_context.name
+    if name.startswith("pcm_"):
+        return name
+    return _FRIENDLY_CODECS.get(name, name)
+
+
+def probe(path: str | os.PathLike) -> AudioInfo:
+    """Duration, codec, sample rate and channels from the headers (no full decode)."""
+    path = Path(path)
+    with _open(path) as container:
+        if not container.streams.audio:
+            what = "video has no sound track" if container.streams.video else "file has no sound in it"
+            raise InputError(f"This {what} ({_name(path)}). Choose a voice recording (MP3, WAV, M4A, ...).")
+        stream = container.streams.audio[0]
+        duration = None
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        return AudioInfo(
+            duration_s=duration,
+            codec=_codec_name(stream),
+            sample_rate=int(stream.codec_context.sample_rate or 0),
+            channels=int(stream.codec_context.channels or 0),
+            container=container.format.name,
+            has_video=bool(container.streams.video)
+            and not all(v.disposition.attached_pic for v in container.streams.video),
+        )
+
+
+def decode(path: str | os.PathLike, *, sample_rate: int | None = None, mono: bool = False) -> AudioSegment:
+    """Decode the first audio stream to 16-bit PCM in a pydub AudioSegment (no ffmpeg binary).
+
+    More than two channels are mixed down to stereo. ``sample_rate``/``mono`` resample
+    on the way (used by the loudness envelope).
+    """
+    path = Path(path)
+    with _open(path) as container:
+        if not container.streams.audio:
+            what = "video has no sound track" if container.streams.video else "file has no sound in it"
+            raise InputError(f"This {what} ({_name(path)}). Choose a voice recording (MP3, WAV, M4A, ...).")
+        stream = container.streams.audio[0]
+        channels = 1 if mono else min(2, max(1, stream.codec_context.channels or 1))
+        rate = sample_rate or stream.codec_context.sample_rate or 44100
+        resampler = av.AudioResampler(format="s16", layout="mono" if channels == 1 else "stereo", rate=rate)
+        chunks: list[bytes] = []
+        decoded_frames = 0
+        try:
+            for frame in container.decode(stream):
+                decoded_frames += 1
+                for out in resampler.resample(frame):
+                    chunks.append(bytes(out.planes[0])[: out.samples * 2 * channels])
+            for out in resampler.resample(None):
+                chunks.append(bytes(out.planes[0])[: out.samples * 2 * channels])
+        except av.error.FFmpegError as exc:
+            if decoded_frames == 0:
+                raise InputError(
+                    f"The audio in {_name(path)} is damaged and cannot be decoded. Export or record it again."
+                ) from exc
+            # Damage after some good audio: keep what decoded (players do the same).
+    data = b"".join(chunks)
+    if not data:
+        raise InputError(f"The audio in {_name(path)} is damaged or empty: no sound could be decoded. Export it again.")
+    return AudioSegment(data=data, sample_width=2, frame_rate=rate, channels=channels)
+
+
+def samples(segment: AudioSegment) -> np.ndarray:
+    """Float32 samples in -1..1, shape (n_frames, channels)."""
+    arr = np.frombuffer(segment.raw_data, dtype=np.int16).astype(np.float32) / 32768.0
+    return arr.reshape(-1, segment.channels)
+
+
+def _window_dbfs(segment: AudioSegment, window_s: float = SILENCE_WINDOW_S) -> np.ndarray:
+    mono = samples(segment).mean(axis=1)
+    n = max(1, int(segment.frame_rate * window_s))
+    usable = (len(mono) // n) * n
+    if usable == 0:
+        return np.array([-math.inf])
+    rms = np.sqrt(np.mean(mono[:usable].reshape(-1, n) ** 2, axis=1))
+    with np.errstate(divide="ignore"):
+        return 20 * np.log10(rms)
+
+
+def is_silent(segment: AudioSegment, threshold_dbfs: float = SILENCE_DBFS) -> bool:
+    """True when no 20 ms window is louder than ``threshold_dbfs``."""
+    return bool(np.all(_window_dbfs(segment) < threshold_dbfs))
+
+
+def speech_bounds(segment: AudioSegment, threshold_dbfs: float = SILENCE_DBFS) -> tuple[float, float]:
+    """(start_s, end_s) of the part between leading and trailing silence, with padding."""
+    db = _window_dbfs(segment)
+    loud = np.flatnonzero(db >= threshold_dbfs)
+    duration = len(segment) / 1000.0
+    if loud.size == 0:
+        return 0.0, 0.0
+    start = max(0.0, loud[0] * SILENCE_WINDOW_S - TRIM_PADDING_S)
+    end = min(duration, (loud[-1] + 1) * SILENCE_WINDOW_S + TRIM_PADDING_S)
+    return start, end
+
+
+def trim_silence(segment: AudioSegment) -> tuple[AudioSegment, float]:
+    """Cut leading and trailing silence; returns (trimmed, seconds removed)."""
+    start, end = speech_bounds(segment)
+    duration = len(segment) / 1000.0
+    removed = start + (duration - end)
+    if end <= start or removed < MIN_TRIM_S:
+        return segment, 0.0
+    trimmed = segment[int(round(start * 1000)) : int(round(end * 1000))]
+    return trimmed, round(duration - len(trimmed) / 1000.0, 3)
+
+
+def write_audio(segment: AudioSegment, dest: str | os.PathLike, fmt: Literal["mp3", "wav"], *, bit_rate: int = MP3_BITRATE) -> Path:
+    """Write ``segment`` as MP3 (libmp3lame) or 16-bit WAV through PyAV."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    layout = "mono" if segment.channels == 1 else "stereo"
+    rate = segment.frame_rate
+    pcm = np.frombuffer(segment.raw_data, dtype=np.int16).reshape(-1, segment.channels)
+    if fmt == "mp3" and rate not in _MP3_RATES:
+        target = 48000 if rate > 48000 else 44100
+    else:
+        target = rate
+    tmp = dest.with_name(f".tmp-{os.getpid()}-{dest.name}")
+    codec = "libmp3lame" if fmt == "mp3" else "pcm_s16le"
+    try:
+        with av.open(str(tmp), "w", format="mp3" if fmt == "mp3" else "wav") as out:
+            stream = out.add_stream(codec, rate=target, layout=layout)
+            if fmt == "mp3":
+                stream.bit_rate = bit_rate
+            resampler = av.AudioResampler(format=stream.codec_context.format.name, layout=layout, rate=target)
+            step = 4096
+            for i in range(0, len(pcm), step):
+                block = np.ascontiguousarray(pcm[i : i + step].reshape(1, -1))
+                frame = av.AudioFrame.from_ndarray(block, format="s16", layout=layout)
+                frame.sample_rate = rate
+                frame.pts = None
+                for rf in resampler.resample(frame):
+                    for packet in stream.encode(rf):
+                        out.mux(packet)
+            for rf in resampler.resample(None):
+                for packet in stream.encode(rf):
+                    out.mux(packet)
+            for packet in stream.encode(None):
+                out.mux(packet)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def loudness_envelope(path: str | os.PathLike, fps: float) -> np.ndarray:
+    """Loudness per video frame: RMS of each 1/fps slice, scaled to 0..1 (loudest frame = 1).
+
+    Slices quieter than :data:`SILENCE_DBFS` are 0, so the mouth stays closed in pauses.
+    Length is ceil(duration * fps). A silent file gives all zeros.
+    """
+    if fps <= 0:
+        raise ValueError("fps must be positive")
+    seg = decode(path, sample_rate=16000, mono=True)
+    x = samples(seg)[:, 0]
+    n_frames = max(1, math.ceil(len(x) / 16000 * fps - 1e-9))
+    edges = np.minimum(np.round(np.arange(n_frames + 1) * 16000 / fps).astype(np.int64), len(x))
+    env = np.zeros(n_frames, dtype=np.float32)
+    sq = np.concatenate([[0.0], np.cumsum(x.astype(np.float64) ** 2)])
+    counts = np.maximum(1, edges[1:] - edges[:-1])
+    env[:] = np.sqrt((sq[edges[1:]] - sq[edges[:-1]]) / counts)
+    floor = 10 ** (SILENCE_DBFS / 20)
+    env[env < floor] = 0.0
+    peak = float(env.max())
+    if peak > 0:
+        env /= peak
+    return np.clip(env, 0.0, 1.0)

@@ -1,0 +1,390 @@
+"""The one entry point the app and the CLI call to check and prepare inputs.
+
+* :func:`check_image` — a portrait (path or http(s) URL) -> :class:`ImageCheck`
+* :func:`check_audio` — a voice track (path or URL, also a video's sound) -> :class:`AudioCheck`
+* :func:`prepare_inputs` — both, plus the cost estimate -> :class:`PreparedInputs`
+
+Normalised files go to ``settings.output_dir / "inputs"``, named by a hash of their
+content so repeating a check reuses the same file. Problems a user must fix raise
+:class:`~avatar_core.errors.InputError`; things worth knowing (no face, several faces,
+the sound of a video used) are returned as ``warnings``.
+
+A URL that passes the checks is kept as ``source_url``; when ``passthrough_ok`` is True
+the normalised file is identical in content to what the URL serves (no rotation,
+conversion, trimming or downscaling was needed), so a hosted provider can be given the
+original URL instead of an upload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from ..errors import InputError
+from ..providers.base import default_version, model_id
+from . import audio as _audio
+from . import image as _image
+from .face import FaceBox, detect_faces
+from .fetch import Resolver, fetch, is_url, system_resolver
+from .preview import draw_faces, format_duration, waveform_png
+from .pricing import CostEstimate, estimate_cost, saving
+
+# Download caps for URL inputs. Images above 10 MB are scaled down rather than refused,
+# so allow the largest phone photos (a 50 MP JPEG is ~25 MB).
+FETCH_MAX_IMAGE_BYTES = 30 * 1024 * 1024
+# 300 s of 48 kHz stereo 24-bit WAV (the largest sensible voice file) is 86 MB.
+FETCH_MAX_AUDIO_BYTES = 100 * 1024 * 1024
+# A face smaller than this share of the picture is likely too small to animate well.
+SMALL_FACE_SHARE = 0.02
+# Silence this long at the ends is worth pointing out when trimming is off.
+SUGGEST_TRIM_S = 1.0
+
+INPUTS_DIRNAME = "inputs"
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """A checked portrait, normalised to JPEG or PNG (RGB) at ``path``."""
+
+    path: Path
+    width: int
+    height: int
+    format: str  # "JPEG" or "PNG": the file at ``path``
+    original_format: str  # as uploaded: "JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"
+    faces: list[FaceBox]  # largest first, in ``path`` pixel coordinates
+    warnings: list[str]
+    preview: Image.Image = field(repr=False, compare=False)  # at most 1024 px, faces boxed
+    source_url: str | None = None
+    passthrough_ok: bool = False  # the URL serves exactly what we would upload
+
+
+@dataclass(frozen=True)
+class AudioCheck:
+    """A checked voice track, normalised to MP3 or WAV at ``path``.
+
+    ``duration_s``, ``codec``, ``sample_rate``, ``channels`` describe the file at ``path``
+    (what will be sent); ``original_*`` describe what was given.
+    """
+
+    path: Path
+    duration_s: float
+    codec: str  # "mp3" or "pcm_s16le"
+    sample_rate: int
+    channels: int
+    trimmed_s: float
+    warnings: list[str]
+    waveform_png: Path
+    format: str = "mp3"  # "mp3" or "wav"
+    format_reason: str = ""
+    original_codec: str = ""
+    original_duration_s: float = 0.0
+    money_saved_usd: float | None = None  # by trimming, for the provider/tier asked about
+    source_url: str | None = None
+    passthrough_ok: bool = False
+
+
+@dataclass(frozen=True)
+class PreparedInputs:
+    """Both checked inputs and the estimated cost of the job."""
+
+    image: ImageCheck
+    audio: AudioCheck
+    cost: CostEstimate
+    warnings: list[str]
+
+
+def _work_dir(settings) -> Path:
+    d = Path(settings.output_dir) / INPUTS_DIRNAME
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _digest(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _materialise(
+    source: str | os.PathLike,
+    *,
+    settings,
+    what: str,
+    max_bytes: int,
+    resolver: Resolver | None,
+    transport: httpx.BaseTransport | None,
+) -> tuple[Path, str | None]:
+    """A local path for ``source``; URLs are fetched into the work dir. -> (path, url or None)."""
+    if isinstance(source, str) and is_url(source):
+        got = fetch(
+            source,
+            max_bytes=max_bytes,
+            allow_private=settings.allow_private_urls,
+            resolver=resolver or system_resolver,
+            transport=transport,
+            what=what,
+        )
+        suffix = Path(got.filename).suffix.lower()[:8] if got.filename else ""
+        dest = _work_dir(settings) / f"url-{_digest(got.data)}{suffix}"
+        if not dest.exists():
+            _image.write_atomic(dest, got.data)
+        return dest, source.strip()
+    if source is None or (isinstance(source, str) and not source.strip()):
+        raise InputError(f"No {what} was given. Choose a file or paste a link.")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not a {what} file. Choose the file itself.")
+    return path, None
+
+
+# ------------------------------------------------------------------------------ image
+
+
+def check_image(
+    source: str | os.PathLike,
+    *,
+    settings,
+    resolver: Resolver | None = None,
+    transport: httpx.BaseTransport | None = None,
+) -> ImageCheck:
+    """Check a portrait and write the provider-ready JPEG/PNG; see :class:`ImageCheck`.
+
+    Raises InputError for unreadable, empty, damaged, too small, too wide/tall or
+    impossibly large images. ``resolver``/``transport`` are for tests of URL inputs.
+    """
+    path, url = _materialise(
+        source, settings=settings, what="image", max_bytes=FETCH_MAX_IMAGE_BYTES, resolver=resolver, transport=transport
+    )
+    loaded = _image.load_image(path)
+    img = loaded.image
+    _image.check_geometry(img.width, img.height)
+    warnings = list(loaded.warnings)
+
+    faces = detect_faces(img)
+    warnings.extend(face_warnings(faces, img.size))
+
+    encoded = _image.encode_for_providers(img, loaded.original_format)
+    warnings.extend(encoded.warnings)
+    ext = ".png" if encoded.format == "PNG" else ".jpg"
+    dest = _work_dir(settings) / f"image-{_digest(encoded.data)}{ext}"
+    if not dest.exists():
+        _image.write_atomic(dest, encoded.data)
+
+    if encoded.downscaled:
+        sx = encoded.size[0] / img.width
+        faces = [FaceBox(round(f.x * sx), round(f.y * sx), round(f.w * sx), round(f.h * sx)) for f in faces]
+        img = img.resize(encoded.size)
+    if loaded.rotated:
+        warnings.append("The photo was turned upright using its camera orientation tag.")
+    passthrough = (
+        url is not None
+        and loaded.original_format in ("JPEG", "PNG")
+        and loaded.original_mode in ("RGB", "L")
+        and not loaded.rotated
+        and not encoded.downscaled
+        and loaded.original_bytes <= _image.MAX_OUTPUT_BYTES
+    )
+    return ImageCheck(
+        path=dest,
+        width=encoded.size[0],
+        height=encoded.size[1],
+        format=encoded.format,
+        original_format=loaded.original_format,
+        faces=faces,
+        warnings=warnings,
+        preview=draw_faces(img, faces),
+        source_url=url,
+        passthrough_ok=passthrough,
+    )
+
+
+def face_warnings(faces: list[FaceBox], size: tuple[int, int]) -> list[str]:
+    """User-facing warnings about the faces found (none, several, very small)."""
+    if not faces:
+        return [
+            "No face was found in the image. The avatar needs one clear face looking at the camera: "
+            "use a well-lit portrait where the face is not covered or turned away."
+        ]
+    out: list[str] = []
+    if len(faces) > 1:
+        where = "; ".join(f"{i + 1}: at x={f.x}, y={f.y}, {f.w}x{f.h} px" for i, f in enumerate(faces[:5]))
+        out.append(
+            f"{len(faces)} faces were found ({where}). The provider may animate the wrong one or refuse the image: "
+            "crop the photo so only one face remains (face 1 is the largest)."
+        )
+    if faces[0].area / (size[0] * size[1]) < SMALL_FACE_SHARE:
+        out.append("The face is small in the picture; cropping closer to the head and shoulders gives a better avatar.")
+    return out
+
+
+# ------------------------------------------------------------------------------ audio
+
+
+def check_audio(
+    source: str | os.PathLike,
+    *,
+    provider: str = "local",
+    settings,
+    trim_silence: bool = False,
+    tier: str = "standard",
+    version: str | None = None,
+    resolver: Resolver | None = None,
+    transport: httpx.BaseTransport | None = None,
+) -> AudioCheck:
+    """Check a voice track for ``provider`` and write the provider-ready MP3/WAV; see :class:`AudioCheck`.
+
+    ``trim_silence`` cuts leading/trailing silence; the seconds and money saved (for
+    ``tier``/``version``) are reported. Raises InputError for empty, silent, damaged,
+    non-audio, too short or too long audio.
+    """
+    limits = _audio.limits_for(provider)
+    version = version or default_version(provider)
+    path, url = _materialise(
+        source, settings=settings, what="audio", max_bytes=FETCH_MAX_AUDIO_BYTES, resolver=resolver, transport=transport
+    )
+    info = _audio.probe(path)
+    if not trim_silence and info.duration_s is not None and info.duration_s > limits.max_s * 1.05:
+        raise _too_long(info.duration_s, limits, provider, trim_silence)
+
+    segment = _audio.decode(path)
+    original_s = len(segment) / 1000.0
+    if _audio.is_silent(segment):
+        raise InputError(
+            "The audio is silent: no voice could be heard in it. Check the microphone or choose another recording."
+        )
+    warnings: list[str] = []
+    if info.has_video:
+        warnings.append("The sound track of the video file is used; its picture is ignored.")
+
+    trimmed_s = 0.0
+    money_saved = None
+    if trim_silence:
+        segment, trimmed_s = _audio.trim_silence(segment)
+        if trimmed_s > 0:
+            money_saved = saving(provider, tier, version, original_s, original_s - trimmed_s)
+    else:
+        start, end = _audio.speech_bounds(segment)
+        removable = start + (original_s - end)
+        if removable >= SUGGEST_TRIM_S:
+            could = saving(provider, tier, version, original_s, original_s - removable)
+            money = f" and about ${could:.2f}" if could else ""
+            warnings.append(
+                f"The recording has {removable:.1f} s of silence at its start/end; trimming it would save "
+                f"{removable:.1f} s{money}."
+            )
+    duration = len(segment) / 1000.0
+    if duration < limits.min_s:
+        after = " after trimming silence" if trimmed_s else ""
+        raise InputError(
+            f"The audio is too short ({duration:.1f} s{after}). It must last at least {limits.min_s:g} s: "
+            "record a longer sentence."
+        )
+    if duration > limits.max_s:
+        raise _too_long(duration, limits, provider, trim_silence)
+
+    work = _work_dir(settings)
+    key = _digest(_file_digest(path), provider, str(trim_silence))
+    fmt = limits.output
+    dest = work / f"audio-{key}.{fmt}"
+    passthrough = False
+    same_codec = (fmt == "mp3" and info.codec == "mp3" and info.container == "mp3") or (
+        fmt == "wav" and info.codec == "pcm_s16le" and info.container == "wav"
+    )
+    size_ok = limits.max_bytes is None or path.stat().st_size <= limits.max_bytes
+    if same_codec and trimmed_s == 0 and size_ok and info.channels <= 2:
+        if not dest.exists():
+            shutil.copyfile(path, dest)
+        passthrough = url is not None
+    elif not dest.exists():
+        _audio.write_audio(segment, dest, fmt)
+        if limits.max_bytes is not None and dest.stat().st_size > limits.max_bytes and fmt == "mp3":
+            _audio.write_audio(segment, dest, fmt, bit_rate=_audio.MP3_BITRATE_SMALL)
+    if limits.max_bytes is not None and dest.stat().st_size > limits.max_bytes:
+        raise InputError(
+            f"The audio is still {dest.stat().st_size / 1e6:.1f} MB after compression; {provider} accepts at most "
+            f"{limits.max_bytes / 1e6:.0f} MB. Use a shorter recording."
+        )
+    out = _audio.probe(dest)
+    wave = waveform_png(segment, work / f"wave-{key}.png", label=_wave_label(duration, trimmed_s))
+    return AudioCheck(
+        path=dest,
+        duration_s=round(duration, 3),
+        codec=out.codec,
+        sample_rate=out.sample_rate,
+        channels=out.channels,
+        trimmed_s=trimmed_s,
+        warnings=warnings,
+        waveform_png=wave,
+        format=fmt,
+        format_reason=limits.why,
+        original_codec=info.codec,
+        original_duration_s=round(original_s, 3),
+        money_saved_usd=money_saved,
+        source_url=url,
+        passthrough_ok=passthrough,
+    )
+
+
+def _wave_label(duration: float, trimmed_s: float) -> str:
+    label = format_duration(duration)
+    return f"{label} (trimmed {trimmed_s:.1f} s of silence)" if trimmed_s else label
+
+
+def _too_long(seconds: float, limits: _audio.AudioLimits, provider: str, trimming: bool) -> InputError:
+    hint = "" if trimming else " (or switch on silence trimming if it has long pauses at the ends)"
+    return InputError(
+        f"The audio is too long ({seconds:.1f} s). {provider} accepts at most {limits.max_s:g} s: "
+        f"cut it into shorter parts{hint}."
+    )
+
+
+# ------------------------------------------------------------------------------ both
+
+
+def prepare_inputs(
+    image_source: str | os.PathLike,
+    audio_source: str | os.PathLike,
+    *,
+    provider: str,
+    tier: str,
+    version: str | None = None,
+    settings,
+    trim_silence: bool = False,
+    resolver: Resolver | None = None,
+    transport: httpx.BaseTransport | None = None,
+) -> PreparedInputs:
+    """Check both inputs for one provider/tier/version and estimate the cost."""
+    version = version or default_version(provider)
+    model_id(provider, tier, version)  # InputError for an unknown provider/tier/version
+    img = check_image(image_source, settings=settings, resolver=resolver, transport=transport)
+    aud = check_audio(
+        audio_source,
+        provider=provider,
+        settings=settings,
+        trim_silence=trim_silence,
+        tier=tier,
+        version=version,
+        resolver=resolver,
+        transport=transport,
+    )
+    cost = estimate_cost(provider, tier, version, aud.duration_s)
+    warnings = [*img.warnings, *aud.warnings]
+    if cost.usd is None:
+        warnings.append(f"The price of this job is not known ({cost.basis}).")
+    return PreparedInputs(image=img, audio=aud, cost=cost, warnings=warnings)
