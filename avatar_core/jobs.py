@@ -601,8 +601,11 @@ async def _cancel_remote(ctx: _Context) -> None:
             cancelled = await asyncio.wait_for(asyncio.shield(ctx.provider.cancel(ctx.handle)), timeout=10)
         except (AvatarError, asyncio.TimeoutError, asyncio.CancelledError) as exc:
             log.warning("could not cancel %s: %s", ctx.handle.request_id, exc)
-    detail = "cancelled at the provider" if cancelled else "stopped waiting; the provider cannot cancel"
-    _update(ctx, status="cancelled" if cancelled else "stopped", detail=detail)
+    if cancelled:
+        _update(ctx, status="cancelled", detail="cancelled at the provider")
+    else:
+        # The provider cannot cancel: the job runs on (and is paid for), so it stays resumable.
+        _update(ctx, detail="the app stopped waiting; the job may still finish at the provider")
 
 
 def _timed_out(ctx: _Context) -> JobTimedOut:
@@ -623,10 +626,18 @@ _END_STATUS = {
 }
 
 
+# Errors after which the remote job may still be running: the row stays resumable.
+_STILL_RUNNING = ("TransientError", "ProtocolError", "RateLimited")
+
+
 def _record_end(ctx: _Context, exc: AvatarError) -> None:
     if ctx.handle is None:
         return
-    _update(ctx, status=_END_STATUS.get(type(exc).__name__, "failed"), error=str(exc))
+    name = type(exc).__name__
+    if name in _STILL_RUNNING:
+        _update(ctx, error=str(exc), detail="the app stopped polling; resume to continue")
+        return
+    _update(ctx, status=_END_STATUS.get(name, "failed"), error=str(exc))
 
 
 def _failed_event(exc: AvatarError, provider: str, request_id: str | None, elapsed: float) -> FailedEvent:

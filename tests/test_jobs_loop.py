@@ -18,6 +18,7 @@ from avatar_core import jobs
 from avatar_core.config import load_settings
 from avatar_core.errors import NotSubmitted, ProtocolError, RateLimited, SubmitUncertain, TransientError
 from avatar_core.events import Done, FailedEvent, ProcessingEvent, QueuedEvent, Submitted
+from avatar_core.store import JobStore
 from avatar_core.providers.base import Completed, Failed, JobHandle, Processing, Queued
 
 
@@ -165,14 +166,24 @@ async def test_submit_is_retried_only_when_it_never_arrived(media, settings):
     assert "status" not in provider.calls
 
 
-async def test_request_id_is_stored_before_the_first_status_read(media, settings):
-    store = MemoryStore()
-    provider = ScriptedProvider([Completed("x")], media[2])
-    events = await collect(run(provider, media, settings, FakeClock(), store=store))
-    assert store.log[0] == ("record", "req-1")
-    assert provider.calls.index("submit") < provider.calls.index("status")
-    row = store.rows[("local", "req-1")]
-    assert row["status"] == "completed" and row["output_path"] == str(events[-1].path)
+async def test_request_id_is_stored_before_the_first_status_read(media, settings, tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    seen_at_first_read = []
+
+    class Observing(ScriptedProvider):
+        async def status(self, handle):
+            seen_at_first_read.append(store.get("local", handle.request_id))
+            return await super().status(handle)
+
+    provider = Observing([Queued(1), Processing(0.4), Completed("x")], media[2])
+    events = await collect(run(provider, media, settings, FakeClock(), store=store, prompt="hi",
+                               audio_seconds=3.0, estimated_cost_usd=0.0))
+    first = seen_at_first_read[0]
+    assert first is not None and first.status == "submitted" and first.prompt == "hi"
+    row = store.get("local", "req-1")
+    assert row.status == "completed" and row.output_path == str(events[-1].path)
+    assert [c.status for c in row.status_history] == ["submitted", "queued", "processing", "downloading",
+                                                      "completed"]
 
 
 async def test_a_broken_store_does_not_lose_the_job(media, settings):
@@ -208,8 +219,8 @@ async def test_repeated_garbage_ends_with_a_resume_hint(media, settings):
     assert "resume" in events[-1].message and "req-1" in events[-1].message
 
 
-async def test_closing_the_generator_cancels_the_remote_job(media, settings):
-    store = MemoryStore()
+async def test_closing_the_generator_cancels_the_remote_job(media, settings, tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
     provider = ScriptedProvider([Processing()], media[2])
     gen = run(provider, media, settings, FakeClock(), store=store)
     async for event in gen:
@@ -217,7 +228,7 @@ async def test_closing_the_generator_cancels_the_remote_job(media, settings):
             break
     await gen.aclose()
     assert provider.calls[-1] == "cancel"
-    assert store.rows[("local", "req-1")]["status"] == "cancelled"
+    assert store.get("local", "req-1").status == "cancelled"
 
 
 async def test_task_cancellation_cancels_the_remote_job(media, settings):
