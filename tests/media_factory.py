@@ -200,3 +200,67 @@ def make_video_with_audio(
             for p in a.encode(None):
                 out.mux(p)
     return path
+
+
+# ------------------------------------------------------------------ a loopback web server
+
+class LocalServer:
+    """A threaded HTTP server on 127.0.0.1 serving ``routes``; use as a context manager.
+
+    ``routes`` maps a path to ``(status, headers, body)`` or to a callable
+    ``handler(request_handler) -> None`` that writes the whole response itself (for
+    slow or endless bodies). ``url(path)`` gives the full URL; ``hits`` lists paths asked for.
+    """
+
+    def __init__(self, routes: dict):
+        import http.server
+        import threading
+
+        self.routes = routes
+        self.hits: list[str] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_GET(self):
+                server.hits.append(self.path)
+                route = server.routes.get(self.path.split("?")[0])
+                if route is None:
+                    route = (404, {}, b"not found")
+                if callable(route):
+                    try:
+                        route(self)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    return
+                status, headers, body = route
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                if "Content-Length" not in headers:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def __enter__(self) -> "LocalServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

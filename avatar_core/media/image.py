@@ -31,8 +31,8 @@ MAX_OUTPUT_BYTES = 10 * 1024 * 1024
 # 200 MB of memory. A PNG claiming 100000x100000 px is refused here. Tests may lower it.
 MAX_PIXELS = 64_000_000
 
-# Formats Pillow may open. MPO is what many phones write for "JPEG" photos.
-ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# Formats Pillow may open. (Phones' multi-picture "MPO" JPEGs open through the JPEG plugin.)
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 # JPEG quality ladder tried in turn to get under MAX_OUTPUT_BYTES. 92 is visually lossless
 # for portraits; below 80 artefacts show around eyes and hair, so we scale down instead.
