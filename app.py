@@ -1,0 +1,203 @@
+"""Talking Avatar: the Gradio app. Layout and event wiring only; the logic is in avatar_core/ui.py.
+
+Run ``python app.py``. With no API keys it still works: the offline local preview is the
+default. The public API endpoint ``/generate`` is the same generator the Generate button
+runs; see README for a ``gradio_client`` example.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Gradio saves every input of a public endpoint (the API key among them) in the
+# browser's localStorage for its "run history" page unless told not to. launch() below
+# passes run_history=False; this covers other ways of serving the app (gradio CLI,
+# mount_gradio_app) too.
+os.environ["GRADIO_RUN_HISTORY"] = "false"
+
+import gradio as gr  # noqa: E402
+
+from avatar_core import ui  # noqa: E402
+from avatar_core.config import Settings, load_settings  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+EXAMPLES_DIR = HERE / "examples"
+EXAMPLES = [[str(EXAMPLES_DIR / "portrait.jpg"), str(EXAMPLES_DIR / "voice.mp3")]]
+
+THEME = gr.themes.Default(primary_hue="indigo", secondary_hue="slate")
+CSS = """
+.gradio-container { max-width: 1180px !important; margin: 0 auto; }
+#intro p { font-size: 1.05rem; margin-top: 0; }
+#status { min-height: 7rem; }
+#status progress.job-progress { width: 100%; height: 0.9rem; accent-color: var(--color-accent); vertical-align: middle; }
+#status h3 { margin: 0.2rem 0 0.4rem; }
+#generate-row button { min-height: 3rem; }
+@media (max-width: 640px) {
+  .gradio-container { padding: 0 6px !important; }
+  #intro h1 { font-size: 1.5rem; }
+}
+"""
+
+
+def build_demo(settings: Settings | None = None, *, store=None) -> gr.Blocks:
+    """The app. ``settings`` default to the environment; ``store`` to the job history file."""
+    settings = settings or load_settings()
+    if store is None:
+        store = ui.open_job_store(settings)
+    h = ui.Handlers(settings, store=store)
+    provider_choices, default_provider = ui.provider_dropdown(settings)
+    version_choices, default_version = ui.version_dropdown(default_provider)
+
+    with gr.Blocks(title="Talking Avatar — Kling AI Avatar") as demo:
+        gr.Markdown(
+            "# Talking Avatar\n"
+            "Turn a portrait and a voice recording into a talking-head video with Kling AI Avatar "
+            "— or try a free offline preview first.",
+            elem_id="intro",
+        )
+        audio_seconds = gr.State(None)
+        last_job = gr.State(None)
+        history = gr.State([])
+
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=300):
+                with gr.Group():
+                    image = gr.Image(
+                        label="1 · Portrait", type="filepath", sources=["upload", "clipboard"], height=300,
+                        elem_id="image-input",
+                    )
+                    image_url = gr.Textbox(
+                        label="…or a link to the portrait", value="", placeholder="https://…",
+                        info="Used when no file is uploaded.", elem_id="image-url",
+                    )
+                with gr.Row(equal_height=False):
+                    image_preview = gr.Image(
+                        label="Face check", interactive=False, height=160, min_width=120, scale=1,
+                        buttons=[], elem_id="image-preview",
+                    )
+                    image_notes = gr.Markdown(elem_id="image-notes", min_width=160)
+                with gr.Group():
+                    audio = gr.Audio(
+                        label="2 · Voice", type="filepath", sources=["upload", "microphone"], elem_id="audio-input",
+                    )
+                    audio_url = gr.Textbox(
+                        label="…or a link to the voice clip", value="", placeholder="https://…",
+                        info="Used when no file is uploaded.", elem_id="audio-url",
+                    )
+                waveform = gr.Image(
+                    label="Voice check", interactive=False, height=90, show_label=False, buttons=[],
+                    elem_id="waveform",
+                )
+                audio_notes = gr.Markdown(elem_id="audio-notes")
+                gr.Examples(
+                    examples=EXAMPLES, inputs=[image, audio], cache_examples=False,
+                    label="Try the bundled example (a drawn face and a synthetic voice)",
+                    api_visibility="private",
+                )
+
+            with gr.Column(scale=1, min_width=300):
+                provider = gr.Dropdown(
+                    provider_choices, value=default_provider, label="3 · Where to make it", elem_id="provider",
+                )
+                provider_info = gr.Markdown(ui.provider_note(default_provider, settings), elem_id="provider-note")
+                tier = gr.Radio(
+                    [(label, t) for t, label in ui.TIER_LABELS.items()], value="standard", label="Quality",
+                    elem_id="tier",
+                )
+                prompt = gr.Textbox(
+                    label="Prompt (optional)", value="", lines=2, max_length=2500, elem_id="prompt",
+                    placeholder="e.g. smiles warmly and nods while speaking",
+                )
+                api_key = gr.Textbox(
+                    label="Your own API key (optional)", value="", type="password", elem_id="api-key",
+                    info="Used for this one request only: never saved, logged or shown.",
+                )
+                with gr.Accordion("Advanced", open=False):
+                    version = gr.Dropdown(
+                        version_choices, value=default_version, label="Kling model version", elem_id="version",
+                    )
+                    trim = gr.Checkbox(
+                        label="Trim silence at the start and end (shorter video, lower cost)", elem_id="trim",
+                    )
+                cost = gr.Markdown(ui.cost_markdown(default_provider, "standard", None, None), elem_id="cost")
+                with gr.Row(elem_id="generate-row"):
+                    generate_btn = gr.Button("Generate video", variant="primary", scale=3, elem_id="generate")
+                    stop_btn = gr.Button("Stop", variant="stop", interactive=False, scale=1, elem_id="stop")
+                status = gr.Markdown(ui.IDLE_STATUS, elem_id="status")
+                request_id = gr.Textbox(
+                    label="Request id", interactive=False, buttons=["copy"], elem_id="request-id",
+                    info="Keep it to find the job at the provider.",
+                )
+                video = gr.Video(label="Your video", interactive=False, buttons=["download"], elem_id="video")
+                download = gr.DownloadButton("Download MP4", visible=False, elem_id="download")
+
+        with gr.Accordion("Videos made in this session", open=True):
+            gallery = gr.Gallery(
+                label="Finished this session", show_label=False, columns=4, height="auto",
+                allow_preview=True, elem_id="session-videos",
+            )
+
+        # --- input checks, as soon as an input arrives (UI only, not part of the API)
+        private = dict(api_visibility="private")
+        gr.on([image.change, image_url.submit, image_url.blur], h.check_image, [image, image_url],
+              [image_preview, image_notes], trigger_mode="always_last", **private)
+        audio_inputs = [audio, audio_url, provider, tier, version, trim]
+        gr.on([audio.change, audio_url.submit, audio_url.blur, trim.change], h.check_audio, audio_inputs,
+              [waveform, audio_notes, audio_seconds], trigger_mode="always_last", **private)
+        provider.change(h.provider_changed, provider, [version, provider_info], **private).then(
+            h.check_audio, audio_inputs, [waveform, audio_notes, audio_seconds], **private
+        )
+        gr.on([provider.change, tier.change, version.change, audio_seconds.change], h.cost,
+              [provider, tier, version, audio_seconds], cost, queue=False, show_progress="hidden", **private)
+
+        # --- the job: the public /generate endpoint
+        generate_btn.click(ui.lock_controls, None, [generate_btn, stop_btn, download], queue=False, **private)
+        run = generate_btn.click(
+            h.generate,
+            inputs=[image, audio, provider, tier, prompt, api_key, version, image_url, audio_url, trim],
+            outputs=[status, request_id, video, last_job],
+            api_name="generate",
+            api_description="Make a talking-avatar video from a portrait and a voice clip. Streams status "
+            "Markdown and the request id; the last message carries the MP4.",
+            concurrency_limit=ui.GENERATE_CONCURRENCY,
+            concurrency_id="generate",
+            show_progress="hidden",
+        )
+        run.then(h.finished, [last_job, history], [download, gallery, history], **private).then(
+            ui.unlock_controls, None, [generate_btn, stop_btn], queue=False, **private
+        )
+        stop_btn.click(h.stopped, [provider, request_id], status, cancels=[run], queue=False, **private).then(
+            ui.unlock_controls, None, [generate_btn, stop_btn], queue=False, **private
+        )
+
+    demo.queue(default_concurrency_limit=ui.DEFAULT_CONCURRENCY, max_size=ui.QUEUE_MAX_SIZE)
+    return demo
+
+
+def launch(demo: gr.Blocks, settings: Settings | None = None, **overrides):
+    """Launch with the options that must hold everywhere (see ``ui.launch_options``)."""
+    settings = settings or load_settings()
+    options = {
+        **ui.launch_options(),
+        "theme": THEME,
+        "css": CSS,
+        "allowed_paths": [str(Path(settings.output_dir).resolve()), str(EXAMPLES_DIR)],
+        **overrides,
+    }
+    return demo.launch(**options)
+
+
+def __getattr__(name: str):
+    # `gradio app.py` (reload mode) and Spaces tooling look for a module-level `demo`;
+    # building it lazily keeps `import app` free of side effects in tests.
+    if name == "demo":
+        global demo
+        demo = build_demo()
+        return demo
+    raise AttributeError(name)
+
+
+if __name__ == "__main__":
+    _settings = load_settings()
+    launch(build_demo(_settings), _settings)

@@ -1,0 +1,693 @@
+"""What the Gradio app shows and does; ``app.py`` only lays it out and wires events.
+
+Two halves:
+
+* pure presentation helpers (no Gradio): provider labels, the cost line, a
+  :class:`StatusBoard` that turns job events into the status panel's Markdown, the
+  in-session history, durations, redaction of keys from any text a user or log sees;
+* :class:`Handlers`: the event functions app.py binds, holding the settings. The main
+  one, :meth:`Handlers.generate`, is also the public API endpoint ``/generate``.
+
+A user's own API key only ever lives in the local variables of one ``generate`` call:
+it is handed to :func:`avatar_core.jobs.run_job` and nowhere else (no ``gr.State``, no
+log line, no message). Gradio's browser-side run history, which would otherwise save
+every input of a public endpoint in ``localStorage``, is switched off by
+:func:`launch_options` (``run_history=False``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import re
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Mapping, Sequence
+
+import gradio as gr
+
+from .config import PROVIDER_KEYS, Settings, load_settings
+from .errors import AvatarError, InputError
+from .events import (
+    Done,
+    Downloading,
+    FailedEvent,
+    JobEvent,
+    ProcessingEvent,
+    QueuedEvent,
+    Submitted,
+    Uploading,
+)
+from .media.pricing import CostEstimate, estimate_cost
+from .providers import KEY_NAMES, LABELS, ProviderInfo, default_provider, provider_choices
+from .providers.base import TIERS, default_version
+
+log = logging.getLogger("avatar_core.ui")
+
+# ----------------------------------------------------------------------------- tuning
+
+# A job spends minutes asleep between status polls, so the generate event is I/O-bound:
+# dozens can wait at once on one event loop. The bound only stops a flood from opening
+# hundreds of provider connections; people beyond it wait in Gradio's queue.
+GENERATE_CONCURRENCY = 32
+# Everything else (input checks, cost updates) is short CPU work on a 2-core machine.
+DEFAULT_CONCURRENCY = 2
+# Requests waiting beyond the running ones. Past this Gradio answers "queue full" at once
+# instead of keeping someone waiting behind half an hour of jobs.
+QUEUE_MAX_SIZE = 64
+# The local preview renderer is CPU-bound (decode, draw, H.264 encode); one at a time
+# keeps each render fast on 2 cores, and the others are told they are waiting for it.
+LOCAL_RENDER_SLOTS = 1
+# How many finished videos the in-session list keeps (the full history is the store's).
+SESSION_HISTORY_MAX = 12
+# The status panel's progress bar never claims "done" from a time estimate alone.
+ESTIMATE_CAP = 0.95
+
+DEFAULT_HOST = "127.0.0.1"
+SPACE_HOST = "0.0.0.0"  # a Hugging Face Space routes traffic to the container's port
+DEFAULT_PORT = 7860
+
+TIER_LABELS = {"standard": "Standard (about 720p)", "pro": "Pro (about 1080p, slower)"}
+
+
+# ----------------------------------------------------------------------------- launch
+
+
+def launch_options(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``Blocks.launch`` that must hold wherever the app runs.
+
+    Host and port come from ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT``; without them
+    it binds 127.0.0.1 locally and 0.0.0.0 on a Hugging Face Space (``SPACE_ID`` set).
+    ``run_history=False`` stops Gradio recording endpoint inputs (the API key among
+    them) in the browser's localStorage or a Hub bucket.
+    """
+    env = os.environ if env is None else env
+    host = (env.get("GRADIO_SERVER_NAME") or "").strip() or (SPACE_HOST if env.get("SPACE_ID") else DEFAULT_HOST)
+    port_text = (env.get("GRADIO_SERVER_PORT") or "").strip()
+    try:
+        port = int(port_text) if port_text else DEFAULT_PORT
+    except ValueError:
+        raise ValueError(f"GRADIO_SERVER_PORT must be a port number, not {port_text!r}.") from None
+    return {
+        "server_name": host,
+        "server_port": port,
+        "run_history": False,
+        "footer_links": ["api", "gradio", "settings"],
+        # Server-side rendering needs Node.js; the client-rendered app is what we test.
+        "ssr_mode": False,
+        "show_error": False,
+    }
+
+
+# ----------------------------------------------------------------------------- text helpers
+
+
+def format_duration(seconds: float | None) -> str:
+    """'8 s', '1 min 05 s', '1 h 02 min'; '-' when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "-"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
+def format_usd(usd: float | None) -> str:
+    if usd is None:
+        return "unknown"
+    if usd == 0:
+        return "free"
+    return f"${usd:.2f}" if usd >= 0.1 else f"${usd:.3f}"
+
+
+# Only the characters that can start emphasis, code, links or HTML; escaping more would
+# litter the text API users read with backslashes.
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>])")
+
+
+def md_escape(text: str) -> str:
+    """Text shown literally inside Markdown (no links, emphasis or HTML from it)."""
+    return _MD_SPECIAL.sub(r"\\\1", str(text))
+
+
+def redact(text: str, secrets: Sequence[str | None]) -> str:
+    """``text`` with every secret (4+ characters) replaced by ****."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "****")
+    return text
+
+
+def configured_secrets(settings: Settings) -> list[str]:
+    """The server's own keys, for redaction."""
+    out = []
+    for names in PROVIDER_KEYS.values():
+        for name in names:
+            value = getattr(settings, name).get()
+            if value:
+                out.append(value)
+    return out
+
+
+# ----------------------------------------------------------------------------- choices
+
+
+def provider_label(info: ProviderInfo) -> str:
+    """The dropdown label: what the provider is and whether it can run right now."""
+    if info.offline:
+        return "Local preview — offline, free (not Kling output)"
+    return f"{info.label} — {'key ready' if info.has_key else 'needs your API key'}"
+
+
+def provider_dropdown(settings: Settings) -> tuple[list[tuple[str, str]], str]:
+    """(label, id) choices for the providers this install can run, and the default."""
+    infos = [i for i in provider_choices(settings) if i.available]
+    ids = [i.id for i in infos]
+    default = default_provider(settings)
+    return [(provider_label(i), i.id) for i in infos], default if default in ids else ids[0]
+
+
+def provider_note(provider: str, settings: Settings) -> str:
+    """One or two sentences under the provider choice, in plain words."""
+    if provider == "local":
+        return (
+            "**Offline preview.** Made on this computer in seconds, free: a simple animation of your "
+            "portrait with your voice, to check inputs and timing. It is *not* Kling output."
+        )
+    label = LABELS.get(provider, provider)
+    if settings.has_key(provider):
+        return f"**{label}** runs Kling AI Avatar with this server's key. You can use your own key instead."
+    need = KEY_NAMES.get(provider, "an API key")
+    return (
+        f"**{label}** has no key on this server: paste your own {label} API key below "
+        f"(or set {need} where the app runs)."
+    )
+
+
+def version_dropdown(provider: str) -> tuple[list[tuple[str, str]], str]:
+    """(label, value) model-version choices for a provider; '' means its default."""
+    infos = {i.id: i for i in provider_choices(Settings())}
+    versions = list(infos[provider].versions) if provider in infos else ["v1"]
+    default = default_version(provider) if provider in infos else "v1"
+    choices = [(f"Provider default (Kling {default})", "")]
+    choices += [(f"Kling {v}", v) for v in versions]
+    return choices, ""
+
+
+def cost_markdown(provider: str, tier: str, version: str | None, seconds: float | None) -> str:
+    """The estimated-cost line shown under the choices."""
+    version = version or default_version(provider)
+    try:
+        if seconds is None:
+            unit = estimate_cost(provider, tier, version, 5.0)
+            if unit.usd == 0:
+                return "**Estimated cost: free** — rendered on this computer."
+            return "**Estimated cost:** add a voice clip to see it (the price follows the audio length)."
+        est: CostEstimate = estimate_cost(provider, tier, version, seconds)
+    except InputError as exc:
+        return f"**Estimated cost:** {md_escape(exc.message)}"
+    if est.usd == 0:
+        return "**Estimated cost: free** — rendered on this computer."
+    if est.usd is None:
+        return f"**Estimated cost: unknown** — {md_escape(est.basis)}."
+    return (
+        f"**Estimated cost: {format_usd(est.usd)}** for {seconds:.1f} s of video — {md_escape(est.basis)}."
+        f"<br><small>Price source: {md_escape(est.source)}. Your provider's bill is what counts.</small>"
+    )
+
+
+# ----------------------------------------------------------------------------- status panel
+
+
+@dataclass
+class StatusBoard:
+    """Turns the events of one job into the status panel's Markdown.
+
+    Keeps what earlier events said (request id, estimate) so every frame shows the whole
+    picture: stage, elapsed time, typical duration, queue position, progress.
+    """
+
+    provider: str
+    tier: str = "standard"
+    version: str = "v1"
+    cost: CostEstimate | None = None
+    request_id: str | None = None
+    estimate_s: float | None = None
+    elapsed_s: float = 0.0
+    progress: float | None = None  # 0..1 shown on the bar; None = unknown (animated bar)
+    progress_is_estimate: bool = False
+    finished: bool = False
+    headline: str = "Starting…"
+    details: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return LABELS.get(self.provider, self.provider)
+
+    # -- events
+
+    def update(self, event: JobEvent) -> str:
+        """Take one job event; return the panel's Markdown."""
+        self.elapsed_s = getattr(event, "elapsed", self.elapsed_s) or self.elapsed_s
+        rid = getattr(event, "request_id", None)
+        if rid:
+            self.request_id = rid
+        self.details = []
+        if isinstance(event, Uploading):
+            share = (event.sent / event.total) if event.total else 0.0
+            base = 0.0 if event.what == "image" else 0.04
+            self.headline = f"Sending the {event.what} to {self.label}…"
+            self._set_progress(base + 0.04 * share)
+        elif isinstance(event, Submitted):
+            self.headline = f"Submitted to {self.label}"
+            self._set_progress(0.08)
+        elif isinstance(event, QueuedEvent):
+            self.estimate_s = event.estimate_s or self.estimate_s
+            pos = f" — position {event.position}" if event.position is not None else ""
+            self.headline = f"Waiting in {self.label}'s queue{pos}"
+            self._set_progress(0.10)
+        elif isinstance(event, ProcessingEvent):
+            self.estimate_s = event.estimate_s or self.estimate_s
+            self.headline = "Rendering the preview" if self.provider == "local" else "Generating the video"
+            if event.progress is not None:
+                self._set_progress(0.10 + 0.85 * max(0.0, min(1.0, event.progress)))
+            elif self.estimate_s:
+                share = min(ESTIMATE_CAP, event.elapsed / self.estimate_s)
+                self._set_progress(0.10 + 0.85 * share, estimate=True)
+            else:
+                self.progress = None
+            if event.logs:
+                self.details.append(f"Provider says: {md_escape(event.logs[-1][:200])}")
+        elif isinstance(event, Downloading):
+            share = (event.received / event.total) if event.total else 0.0
+            self.headline = "Downloading the finished video…"
+            self._set_progress(0.95 + 0.05 * share)
+        elif isinstance(event, Done):
+            self.finished = True
+            self.headline = f"Done in {format_duration(event.elapsed)}"
+            self._set_progress(1.0)
+            if event.duration_s:
+                self.details.append(f"Video length {event.duration_s:.1f} s.")
+        elif isinstance(event, FailedEvent):
+            return self.failed(event.message, kind=event.kind)
+        return self.render()
+
+    def _set_progress(self, value: float, *, estimate: bool = False) -> None:
+        # Never moves backwards: a late heartbeat must not undo a reported step.
+        self.progress = max(self.progress or 0.0, value)
+        self.progress_is_estimate = estimate
+
+    # -- other frames
+
+    def message(self, headline: str, detail: str = "") -> str:
+        """A frame that is not a job event (checking files, waiting for the renderer)."""
+        self.headline = headline
+        self.details = [detail] if detail else []
+        return self.render()
+
+    def failed(self, message: str, *, kind: str = "error") -> str:
+        self.finished = True
+        cancelled = kind == "JobCancelled"
+        self.headline = "Cancelled" if cancelled else "The video could not be made"
+        icon = "⏹" if cancelled else "⚠️"
+        parts = [f"### {icon} {self.headline}", md_escape(message)]
+        parts.append(self._facts())
+        return "\n\n".join(p for p in parts if p)
+
+    # -- rendering
+
+    def render(self) -> str:
+        icon = "✅" if self.finished else "⏳"
+        lines = [f"### {icon} {md_escape(self.headline)}", self._bar(), self._facts()]
+        lines += self.details
+        return "\n\n".join(line for line in lines if line)
+
+    def _bar(self) -> str:
+        if self.progress is None:
+            return '<progress class="job-progress" max="100"></progress>'
+        pct = round(100 * self.progress)
+        approx = " (estimated from typical times)" if self.progress_is_estimate else ""
+        return f'<progress class="job-progress" value="{pct}" max="100"></progress> **{pct}%**{approx}'
+
+    def _facts(self) -> str:
+        facts = [f"Elapsed **{format_duration(self.elapsed_s)}**"]
+        if self.estimate_s and not self.finished:
+            facts.append(f"usually about **{format_duration(self.estimate_s)}**")
+        what = f"{self.label}, {self.tier}" + ("" if self.provider == "local" else f", Kling {self.version}")
+        facts.append(what)
+        if self.cost is not None and self.cost.usd is not None and self.cost.usd > 0:
+            facts.append(f"estimated **{format_usd(self.cost.usd)}**")
+        if self.request_id:
+            facts.append(f"request id `{self.request_id}`")
+        return " · ".join(facts)
+
+
+# ----------------------------------------------------------------------------- session history
+
+
+def history_entry(done: Done, *, tier: str, version: str, cost_usd: float | None, now: float | None = None) -> dict:
+    """What the in-session list keeps about a finished video (no key, no provider URLs)."""
+    return {
+        "provider": done.provider,
+        "request_id": done.request_id,
+        "path": str(done.path),
+        "duration_s": done.duration_s,
+        "elapsed_s": done.elapsed,
+        "tier": tier,
+        "version": version,
+        "cost_usd": cost_usd,
+        "finished_at": time.strftime("%H:%M", time.localtime(now if now is not None else time.time())),
+    }
+
+
+def history_caption(entry: Mapping[str, Any]) -> str:
+    label = LABELS.get(entry["provider"], entry["provider"])
+    if entry["provider"] == "local":
+        label = "Local preview"
+    length = f"{entry['duration_s']:.1f} s" if entry.get("duration_s") else "?"
+    return f"{entry['finished_at']} · {label} · {entry['tier']} · {length}"
+
+
+def add_to_history(history: list[dict] | None, entry: Mapping[str, Any] | None) -> list[dict]:
+    """Newest first, no duplicates, at most SESSION_HISTORY_MAX."""
+    history = list(history or [])
+    if not entry:
+        return history
+    key = (entry["provider"], entry["request_id"])
+    history = [h for h in history if (h["provider"], h["request_id"]) != key]
+    return [dict(entry), *history][:SESSION_HISTORY_MAX]
+
+
+def history_gallery(history: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(video path, caption) pairs for a gr.Gallery; files that vanished are left out."""
+    return [(h["path"], history_caption(h)) for h in history if Path(h["path"]).is_file()]
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def image_check_markdown(check) -> str:
+    """The words under the portrait preview."""
+    faces = len(check.faces)
+    if faces == 1:
+        head = f"✅ **Face found** · {check.width}×{check.height} px"
+    elif faces == 0:
+        head = f"⚠️ **No face found** · {check.width}×{check.height} px"
+    else:
+        head = f"⚠️ **{faces} faces found** · {check.width}×{check.height} px"
+    notes = [f"- {md_escape(w)}" for w in check.warnings]
+    return "\n".join([head, *notes])
+
+
+def audio_check_markdown(check) -> str:
+    head = f"✅ **{format_duration(check.duration_s)}** of audio ({check.duration_s:.1f} s, sent as {check.format.upper()})"
+    notes = [f"- {md_escape(w)}" for w in check.warnings]
+    if check.trimmed_s:
+        saved = f", saving {format_usd(check.money_saved_usd)}" if check.money_saved_usd else ""
+        notes.append(f"- Trimmed {check.trimmed_s:.1f} s of silence{saved}.")
+    return "\n".join([head, *notes])
+
+
+def problem_markdown(message: str) -> str:
+    return f"❌ {md_escape(message)}"
+
+
+def friendly_unexpected(exc: BaseException, secrets: Sequence[str | None] = ()) -> str:
+    """Log an unexpected error server-side (keys redacted) and return words for the user."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    log.error("unexpected error in the app:\n%s", redact(text, secrets))
+    return (
+        f"Something went wrong inside this app ({type(exc).__name__}). Nothing was charged unless a "
+        "request id is shown above. Try again; if it keeps happening, report it with the time it happened."
+    )
+
+
+def pick_source(upload: str | None, url: str | None) -> str | None:
+    """The file if one was uploaded, otherwise the link (stripped), otherwise None."""
+    if upload:
+        return str(upload)
+    url = (url or "").strip()
+    return url or None
+
+
+# ----------------------------------------------------------------------------- small UI pieces
+
+IDLE_STATUS = "Add a portrait and a voice clip, then press **Generate video**. Progress shows here."
+
+
+def lock_controls() -> tuple[Any, Any, Any]:
+    """While a job runs: Generate off, Stop on, the previous download hidden."""
+    return gr.update(interactive=False), gr.update(interactive=True), gr.update(visible=False)
+
+
+def unlock_controls() -> tuple[Any, Any]:
+    return gr.update(interactive=True), gr.update(interactive=False)
+
+
+def open_job_store(settings: Settings):
+    """The job history, or None (with a log line) if its file cannot be opened.
+
+    Losing the history must not stop the app from making videos.
+    """
+    try:
+        from .store import open_store
+
+        return open_store(settings)
+    except Exception:  # noqa: BLE001
+        log.exception("job history unavailable; continuing without it")
+        return None
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+def _remote_cancel_supported(provider: str) -> bool:
+    """Whether the provider's client can cancel a job (read from its class, no key needed)."""
+    import importlib
+    import inspect
+
+    try:
+        module = importlib.import_module(f"avatar_core.providers.{provider}")
+    except ImportError:
+        return False
+    for _name, obj in inspect.getmembers(module, inspect.isclass):
+        if obj.__module__ == module.__name__ and getattr(obj, "name", None) == provider:
+            return bool(getattr(obj, "supports_cancel", False))
+    return False
+
+
+class Handlers:
+    """The app's event functions, bound to one :class:`Settings`.
+
+    ``store`` is the job history (``avatar_core.store.JobStore``) or None.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, store: Any = None) -> None:
+        self.settings = settings or load_settings()
+        self.store = store
+        self._local_slots = asyncio.Semaphore(LOCAL_RENDER_SLOTS)
+        self._local_waiting = 0
+
+    # -- choices
+
+    def provider_changed(self, provider: str) -> tuple[Any, str]:
+        """New version choices and the note under the provider."""
+        choices, value = version_dropdown(provider)
+        return gr.update(choices=choices, value=value), provider_note(provider, self.settings)
+
+    def cost(self, provider: str, tier: str, version: str, seconds: float | None) -> str:
+        return cost_markdown(provider, tier, version or None, seconds)
+
+    # -- input checks (run as soon as an input arrives)
+
+    def check_image(self, upload: str | None, url: str | None) -> tuple[Any, str]:
+        """(preview with the face boxed, words) for the portrait."""
+        from .media.inputs import check_image
+
+        source = pick_source(upload, url)
+        if source is None:
+            return None, ""
+        try:
+            check = check_image(source, settings=self.settings)
+        except AvatarError as exc:
+            return None, problem_markdown(exc.message)
+        except Exception as exc:  # noqa: BLE001 - never a traceback in the page
+            return None, problem_markdown(friendly_unexpected(exc))
+        return check.preview, image_check_markdown(check)
+
+    def check_audio(
+        self, upload: str | None, url: str | None, provider: str, tier: str, version: str, trim: bool
+    ) -> tuple[Any, str, float | None]:
+        """(waveform picture, words, duration in seconds) for the voice track."""
+        from .media.inputs import check_audio
+
+        source = pick_source(upload, url)
+        if source is None:
+            return None, "", None
+        try:
+            check = check_audio(
+                source, provider=provider, settings=self.settings, trim_silence=bool(trim), tier=tier,
+                version=version or None,
+            )
+        except AvatarError as exc:
+            return None, problem_markdown(exc.message), None
+        except Exception as exc:  # noqa: BLE001
+            return None, problem_markdown(friendly_unexpected(exc)), None
+        return str(check.waveform_png), audio_check_markdown(check), check.duration_s
+
+    # -- the job
+
+    async def generate(
+        self,
+        image: str | None = None,
+        audio: str | None = None,
+        provider: str = "local",
+        tier: str = "standard",
+        prompt: str = "",
+        api_key: str = "",
+        version: str = "",
+        image_url: str = "",
+        audio_url: str = "",
+        trim_silence: bool = False,
+        request: gr.Request | None = None,
+    ) -> AsyncIterator[tuple[str, str, str | None, dict | None]]:
+        """Make one talking-avatar video; yields (status Markdown, request id, video path, job).
+
+        ``image``/``audio`` are files; ``image_url``/``audio_url`` public links used when no
+        file is given. ``api_key`` is the caller's own key for ``provider``, used for this
+        request only. The last frame carries the MP4 (on success) or says what went wrong.
+        """
+        key = (api_key or "").strip() or None
+        secrets = [key, *configured_secrets(self.settings)]
+        board = StatusBoard(provider=provider or "local", tier=tier or "standard")
+        try:
+            async for frame in self._generate(board, image, audio, provider, tier, prompt, key, version,
+                                              image_url, audio_url, trim_silence, request):
+                status, rid, video, job = frame
+                yield redact(status, secrets), rid, video, job
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user sees words, the log the traceback
+            yield board.failed(friendly_unexpected(exc, secrets), kind="InternalError"), board.request_id or "", None, None
+
+    async def _generate(self, board, image, audio, provider, tier, prompt, key, version, image_url, audio_url,
+                        trim_silence, request):
+        from .jobs import run_job
+        from .media.inputs import prepare_inputs
+
+        def frame(status: str, video: str | None = None, job: dict | None = None):
+            return status, board.request_id or "", video, job
+
+        image_src = pick_source(image, image_url)
+        audio_src = pick_source(audio, audio_url)
+        if image_src is None or audio_src is None:
+            missing = " and ".join(w for w, s in (("a portrait", image_src), ("a voice clip", audio_src)) if s is None)
+            yield frame(board.failed(f"Add {missing} first (upload a file or paste a link)."))
+            return
+        if tier not in TIERS:
+            yield frame(board.failed(f"Unknown tier {tier!r}: choose standard or pro."))
+            return
+        provider_ids = {i.id for i in provider_choices(self.settings) if i.available}
+        if provider not in provider_ids:
+            yield frame(board.failed(f"Unknown provider {provider!r}. Choose one of: {', '.join(sorted(provider_ids))}."))
+            return
+        version = version or default_version(provider)
+        board.version = version
+
+        yield frame(board.message("Checking your files…"))
+        try:
+            prepared = await asyncio.to_thread(
+                prepare_inputs, image_src, audio_src, provider=provider, tier=tier, version=version,
+                settings=self.settings, trim_silence=bool(trim_silence),
+            )
+        except AvatarError as exc:
+            yield frame(board.failed(exc.message))
+            return
+        board.cost = prepared.cost
+        hosted = provider != "local"
+        image_in = prepared.image.source_url if hosted and prepared.image.passthrough_ok else prepared.image.path
+        audio_in = prepared.audio.source_url if hosted and prepared.audio.passthrough_ok else prepared.audio.path
+        owner = getattr(request, "username", None) if request is not None else None
+
+        jobs = run_job(
+            provider, image_in, audio_in, tier=tier, version=version, prompt=prompt or "",
+            settings=self.settings, api_key=key, store=self.store, owner=owner,
+            audio_seconds=prepared.audio.duration_s, estimated_cost_usd=prepared.cost.usd,
+        )
+        if provider == "local":
+            async for f in self._wait_for_renderer(board, frame):
+                yield f
+            try:
+                async for f in self._follow(board, jobs, frame, tier, version):
+                    yield f
+            finally:
+                self._local_slots.release()
+        else:
+            async for f in self._follow(board, jobs, frame, tier, version):
+                yield f
+
+    async def _wait_for_renderer(self, board, frame):
+        if not self._local_slots.locked():
+            await self._local_slots.acquire()
+            return
+        self._local_waiting += 1
+        try:
+            acquire = asyncio.ensure_future(self._local_slots.acquire())
+            try:
+                while True:
+                    done, _ = await asyncio.wait({acquire}, timeout=1.0)
+                    if done:
+                        return
+                    ahead = self._local_waiting - 1
+                    more = f" ({ahead} other preview{'s' if ahead != 1 else ''} also waiting)" if ahead else ""
+                    yield frame(board.message("Waiting for the local renderer", f"Another preview is being rendered{more}."))
+            except BaseException:
+                if acquire.done() and not acquire.cancelled():
+                    self._local_slots.release()
+                else:
+                    acquire.cancel()
+                raise
+        finally:
+            self._local_waiting -= 1
+
+    async def _follow(self, board, jobs, frame, tier, version):
+        try:
+            async for event in jobs:
+                if isinstance(event, Done):
+                    cost = board.cost.usd if board.cost else None
+                    entry = history_entry(event, tier=tier, version=version, cost_usd=cost)
+                    yield frame(board.update(event), str(event.path), entry)
+                    return
+                yield frame(board.update(event))
+        finally:
+            await jobs.aclose()
+
+    # -- after a job, and the Stop button
+
+    def finished(self, job: dict | None, history: list[dict] | None) -> tuple[Any, Any, list[dict]]:
+        """Add a finished job to the session list; show its download button."""
+        history = add_to_history(history, job)
+        download = gr.update(value=job["path"], visible=True) if job else gr.update()
+        return download, history_gallery(history), history
+
+    def stopped(self, provider: str, request_id: str) -> str:
+        """The status after the user pressed Stop."""
+        label = LABELS.get(provider, provider)
+        if not request_id:
+            text = "Stopped before anything was submitted: nothing was charged."
+        elif provider == "local":
+            text = "Stopped the local preview."
+        elif _remote_cancel_supported(provider):
+            text = f"Stopped. {label} was asked to cancel job `{request_id}`."
+        else:
+            text = (
+                f"Stopped waiting. {label} cannot cancel a job once it has started, so job `{request_id}` "
+                "may still finish and be billed. Keep the request id to collect the video later."
+            )
+        return "\n\n".join(["### ⏹ Stopped", text])
