@@ -126,6 +126,13 @@ def _codec_name(stream) -> str:
     return _FRIENDLY_CODECS.get(name, name)
 
 
+def _is_cover_art(stream) -> bool:
+    try:
+        return bool(stream.disposition & av.stream.Disposition.attached_pic)
+    except (AttributeError, TypeError):  # pragma: no cover - older PyAV
+        return False
+
+
 def probe(path: str | os.PathLike) -> AudioInfo:
     """Duration, codec, sample rate and channels from the headers (no full decode)."""
     path = Path(path)
@@ -145,8 +152,8 @@ def probe(path: str | os.PathLike) -> AudioInfo:
             sample_rate=int(stream.codec_context.sample_rate or 0),
             channels=int(stream.codec_context.channels or 0),
             container=container.format.name,
-            has_video=bool(container.streams.video)
-            and not all(v.disposition.attached_pic for v in container.streams.video),
+            # Cover art in an MP3/M4A is a "video" stream flagged attached_pic: not a video.
+            has_video=any(not _is_cover_art(v) for v in container.streams.video),
         )
 
 

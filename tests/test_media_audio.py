@@ -1,0 +1,252 @@
+"""Voice track checks: every accepted format, limits, broken files, trimming, output, envelope."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+import media_factory as mf
+from avatar_core.config import Settings
+from avatar_core.errors import InputError
+from avatar_core.media import audio as audio_mod
+from avatar_core.media.audio import AUDIO_LIMITS, loudness_envelope
+from avatar_core.media.inputs import check_audio
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return Settings(output_dir=tmp_path / "out")
+
+
+@pytest.fixture(autouse=True)
+def no_subprocesses(monkeypatch):
+    """pydub must never shell out to ffmpeg/ffprobe (there is none): fail loudly if it tries."""
+
+    def refuse(*a, **kw):
+        raise AssertionError(f"a subprocess was started: {a[:1]}")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+
+
+def _decoded_seconds(path) -> float:
+    with av.open(str(path)) as c:
+        n = sum(f.samples for f in c.decode(audio=0))
+        return n / c.streams.audio[0].sample_rate
+
+
+@pytest.mark.parametrize(
+    "fmt, codec",
+    [
+        ("mp3", "mp3"),
+        ("wav", "pcm_s16le"),
+        ("m4a", "aac"),
+        ("aac", "aac"),
+        ("ogg", "opus"),
+        ("oga", "vorbis"),
+        ("flac", "flac"),
+        ("webm", "opus"),
+    ],
+)
+def test_each_format_becomes_mp3_for_hosted_providers(tmp_path, settings, fmt, codec):
+    src = mf.make_tone(tmp_path / f"voice.{fmt}", fmt, 3.0)
+    res = check_audio(src, provider="wavespeed", settings=settings)
+    assert res.original_codec == codec
+    assert res.format == "mp3" and res.codec == "mp3" and res.path.suffix == ".mp3"
+    assert "MP3 keeps the upload small" in res.format_reason
+    assert res.duration_s == pytest.approx(3.0, abs=0.1)
+    assert _decoded_seconds(res.path) == pytest.approx(3.0, abs=0.15)
+    assert res.channels in (1, 2) and res.sample_rate > 0
+    assert res.waveform_png.is_file()
+
+
+def test_local_provider_gets_wav(tmp_path, settings):
+    src = mf.make_tone(tmp_path / "v.m4a", "m4a", 3.0)
+    res = check_audio(src, provider="local", settings=settings)
+    assert res.format == "wav" and res.codec == "pcm_s16le" and res.path.suffix == ".wav"
+    assert "WAV" in res.format_reason
+    assert _decoded_seconds(res.path) == pytest.approx(3.07, abs=0.1)
+
+
+def test_kling_reason_names_the_inline_limit(tmp_path, settings):
+    res = check_audio(mf.make_tone(tmp_path / "v.wav", "wav", 3.0), provider="kling", settings=settings)
+    assert res.format == "mp3" and "5 MB" in res.format_reason
+
+
+def test_mp3_that_already_fits_is_passed_on_unchanged(tmp_path, settings):
+    src = mf.make_tone(tmp_path / "v.mp3", "mp3", 3.0)
+    res = check_audio(src, provider="fal", settings=settings)
+    assert res.path.read_bytes() == src.read_bytes()
+
+
+def test_sound_track_of_a_video(tmp_path, settings):
+    src = mf.make_video_with_audio(tmp_path / "clip.mp4", 3.0)
+    res = check_audio(src, provider="wavespeed", settings=settings)
+    assert res.original_codec == "aac"
+    assert res.duration_s == pytest.approx(3.0, abs=0.1)
+    assert any("sound track of the video" in w for w in res.warnings)
+
+
+def test_video_without_sound(tmp_path, settings):
+    src = mf.make_video_with_audio(tmp_path / "mute.mp4", 1.0, audio=False)
+    with pytest.raises(InputError, match="This video has no sound track"):
+        check_audio(src, settings=settings)
+
+
+def test_too_short(tmp_path, settings):
+    src = mf.make_tone(tmp_path / "short.wav", "wav", 1.0)
+    with pytest.raises(InputError, match=r"too short \(1.0 s\). It must last at least 2 s"):
+        check_audio(src, settings=settings)
+
+
+def test_too_long_is_refused_from_the_headers(tmp_path, settings, monkeypatch):
+    src = mf.make_tone(tmp_path / "long.wav", "wav", 330.0, sample_rate=8000)
+
+    def no_decode(*a, **kw):
+        raise AssertionError("decoded a file the headers already ruled out")
+
+    monkeypatch.setattr(audio_mod, "decode", no_decode)
+    with pytest.raises(InputError, match=r"too long \(330.0 s\). wavespeed accepts at most 300 s"):
+        check_audio(src, provider="wavespeed", settings=settings)
+
+
+def test_just_over_the_limit_is_caught_after_decoding(tmp_path, settings):
+    # 301 s is within the 5 % header slack, so the decoded length decides.
+    src = mf.make_tone(tmp_path / "long.flac", "flac", 301.0, sample_rate=8000)
+    with pytest.raises(InputError, match=r"too long \(301.0 s\)"):
+        check_audio(src, provider="kling", settings=settings, trim_silence=True)
+
+
+def test_limits_are_one_table_per_provider(tmp_path, settings, monkeypatch):
+    assert set(AUDIO_LIMITS) == {"local", "wavespeed", "segmind", "fal", "replicate", "kling"}
+    monkeypatch.setitem(AUDIO_LIMITS, "segmind", audio_mod.AudioLimits(2.0, 60.0, None, "mp3", "test"))
+    src = mf.make_tone(tmp_path / "v.wav", "wav", 70.0, sample_rate=8000)
+    with pytest.raises(InputError, match="segmind accepts at most 60 s"):
+        check_audio(src, provider="segmind", settings=settings)
+    assert check_audio(src, provider="fal", settings=settings).duration_s == pytest.approx(70.0)
+
+
+def test_silence_is_an_error(tmp_path, settings):
+    src = mf.make_silence(tmp_path / "quiet.wav", "wav", 4.0)
+    with pytest.raises(InputError, match="The audio is silent"):
+        check_audio(src, settings=settings)
+
+
+def test_corrupt_bytes(tmp_path, settings):
+    (tmp_path / "noise.mp3").write_bytes(np.random.default_rng(1).bytes(50_000))
+    with pytest.raises(InputError) as exc:
+        check_audio(tmp_path / "noise.mp3", settings=settings)
+    assert "noise.mp3" in str(exc.value)
+    assert "not an audio file" in str(exc.value) or "damaged" in str(exc.value)
+
+
+def test_truncated_m4a(tmp_path, settings):
+    data = mf.make_tone(tmp_path / "full.m4a", "m4a", 3.0).read_bytes()
+    (tmp_path / "cut.m4a").write_bytes(data[: len(data) // 3])
+    with pytest.raises(InputError, match="cut.m4a"):
+        check_audio(tmp_path / "cut.m4a", settings=settings)
+
+
+def test_text_file_is_not_audio(tmp_path, settings):
+    (tmp_path / "notes.mp3").write_text("these are my notes, not a recording\n" * 50)
+    with pytest.raises(InputError, match="notes.mp3 is not an audio file we can read. Use MP3, WAV"):
+        check_audio(tmp_path / "notes.mp3", settings=settings)
+
+
+def test_picture_given_as_audio(tmp_path, settings):
+    Image.new("RGB", (64, 64)).save(tmp_path / "photo.png")
+    with pytest.raises(InputError) as exc:
+        check_audio(tmp_path / "photo.png", settings=settings)
+    assert "photo.png" in str(exc.value)
+
+
+def test_empty_and_missing(tmp_path, settings):
+    (tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(InputError, match=r"empty \(0 bytes\)"):
+        check_audio(tmp_path / "empty.wav", settings=settings)
+    with pytest.raises(InputError, match="was not found"):
+        check_audio(tmp_path / "gone.wav", settings=settings)
+
+
+def test_trim_silence_reports_seconds_and_money_saved(tmp_path, settings):
+    src = mf.make_speechlike(tmp_path / "v.wav", "wav", lead_s=2.0, speech_s=3.0, tail_s=2.0)
+    res = check_audio(src, provider="wavespeed", settings=settings, trim_silence=True)
+    # 4 s of silence minus 0.25 s of padding kept on each side
+    assert res.trimmed_s == pytest.approx(3.5, abs=0.06)
+    assert res.duration_s == pytest.approx(3.5, abs=0.06)
+    assert res.original_duration_s == pytest.approx(7.0, abs=0.01)
+    assert res.money_saved_usd == pytest.approx(0.25)  # 2 blocks of 5 s -> 1 block
+    assert _decoded_seconds(res.path) == pytest.approx(3.5, abs=0.1)
+
+
+def test_trim_money_uses_tier_and_version(tmp_path, settings):
+    src = mf.make_speechlike(tmp_path / "v.wav", "wav", lead_s=3.0, speech_s=4.0, tail_s=3.0)
+    res = check_audio(src, provider="fal", tier="pro", settings=settings, trim_silence=True)
+    assert res.money_saved_usd == pytest.approx(res.trimmed_s * 0.115, abs=0.002)
+    res = check_audio(src, provider="kling", settings=settings, trim_silence=True)
+    assert res.trimmed_s > 5 and res.money_saved_usd is None  # price unknown
+
+
+def test_untrimmed_silence_is_pointed_out(tmp_path, settings):
+    src = mf.make_speechlike(tmp_path / "v.wav", "wav", lead_s=2.0, speech_s=3.0, tail_s=2.0)
+    res = check_audio(src, provider="wavespeed", settings=settings)
+    assert res.trimmed_s == 0.0 and res.duration_s == pytest.approx(7.0, abs=0.01)
+    assert any("3.5 s of silence" in w and "$0.25" in w for w in res.warnings)
+
+
+def test_trimming_can_make_it_too_short(tmp_path, settings):
+    src = mf.make_speechlike(tmp_path / "v.wav", "wav", lead_s=3.0, speech_s=1.0, tail_s=3.0)
+    with pytest.raises(InputError, match="too short .* after trimming silence"):
+        check_audio(src, settings=settings, trim_silence=True)
+
+
+def test_waveform_png_shows_the_wave(tmp_path, settings):
+    res = check_audio(mf.make_tone(tmp_path / "v.wav", "wav", 3.0), settings=settings)
+    img = Image.open(res.waveform_png).convert("RGB")
+    assert img.size == (1000, 200)
+    blue = sum(1 for x in range(0, 1000, 10) if img.getpixel((x, 130))[2] > 150 and img.getpixel((x, 130))[0] < 100)
+    assert blue > 80  # the tone fills the width
+    dark = sum(1 for x in range(8, 120) for y in range(6, 40) if sum(img.getpixel((x, y))) < 150)
+    assert dark > 20  # the duration text is printed top-left
+
+
+def test_waveform_label_is_the_duration():
+    from avatar_core.media.preview import format_duration
+
+    assert format_duration(3.04) == "3.0 s"
+    assert format_duration(125.4) == "2:05.4 (125.4 s)"
+
+
+def test_stereo_48k_and_multichannel_kept_to_two(tmp_path, settings):
+    src = mf.make_tone(tmp_path / "v.flac", "flac", 3.0, sample_rate=48000, channels=2)
+    res = check_audio(src, provider="replicate", settings=settings)
+    assert res.channels == 2 and res.sample_rate == 48000
+
+
+def test_loudness_envelope(tmp_path):
+    src = mf.make_speechlike(tmp_path / "v.wav", "wav", lead_s=1.0, speech_s=2.0, tail_s=1.0)
+    env = loudness_envelope(src, 25)
+    assert env.shape == (100,)
+    assert env.dtype == np.float32
+    assert env.min() >= 0.0 and env.max() == pytest.approx(1.0)
+    assert np.all(env[:24] == 0.0) and np.all(env[-24:] == 0.0)  # pauses: mouth closed
+    assert env[25:75].mean() > 0.5
+    assert np.ptp(env[25:75]) > 0.3  # follows the syllable-like rhythm
+    assert loudness_envelope(src, 30).shape == (120,)
+
+
+def test_loudness_envelope_of_silence_is_zero(tmp_path):
+    env = loudness_envelope(mf.make_silence(tmp_path / "s.wav", "wav", 2.0), 24)
+    assert env.shape == (48,) and not env.any()
+
+
+def test_five_minutes_decode_quickly(tmp_path, settings):
+    src = mf.make_tone(tmp_path / "v.mp3", "mp3", 299.0, sample_rate=22050)
+    t0 = time.perf_counter()
+    res = check_audio(src, provider="kling", settings=settings)
+    assert time.perf_counter() - t0 < 10
+    assert res.path.stat().st_size <= 5 * 1024 * 1024
