@@ -28,6 +28,7 @@ from .server import (
     main_serve,
     serve,
 )
+from .testing import FakeClock
 from .video import default_video_maker, render_video_maker, tone_video_maker
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "PROCESSING",
     "QUEUED",
     "Emulator",
+    "FakeClock",
     "Fault",
     "FaultList",
     "FormPart",
