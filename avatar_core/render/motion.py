@@ -17,8 +17,9 @@ from ..media.face import FaceBox
 
 # Where features sit inside an OpenCV Haar face box (measured on frontal portraits: the box
 # runs from the brows to just under the lower lip).
-LIP_SEARCH = (0.68, 0.95)  # the lip line is the darkest row between these fractions of the height
-LIP_DEFAULT = 0.84
+LIP_SEARCH = (0.74, 0.98)  # the lips lie between these fractions of the height (below the nostrils)
+LIP_DEFAULT = 0.85
+LIP_MIN_REDNESS = 0.3  # mean Cr excess per searched row below which redness is no guide (grey images)
 CHIN = 1.12  # the chin tip, as a fraction of the box height below its top
 NECK = 1.40  # where the jaw's pull fades out, and the pivot of the head's sway
 MOUTH_HALF_WIDTH = 0.22  # half the mouth's width, as a fraction of the box width
@@ -148,17 +149,23 @@ class FaceAnimator:
     # ---------------------------------------------------------------- mouth
 
     def _lip_line(self) -> int:
+        """The row between the lips: the centre of the reddest rows under the nose (lips are
+        redder than skin, in YCrCb's Cr), else the darkest row there, else a typical position."""
         f = self.face
-        gray = cv2.cvtColor(self.base, cv2.COLOR_RGB2GRAY).astype(np.float32)
         y0 = min(self.h - 2, f.y + int(LIP_SEARCH[0] * f.h))
         y1 = min(self.h - 1, f.y + int(LIP_SEARCH[1] * f.h))
         cx = f.x + f.w // 2
         half = max(2, int(0.14 * f.w))
-        band = gray[y0:y1, max(0, cx - half): min(self.w, cx + half)]
-        if band.shape[0] < 3 or band.shape[1] < 2:
+        band = self.base[y0:y1, max(0, cx - half): min(self.w, cx + half)]
+        if band.shape[0] < 5 or band.shape[1] < 2:
             return min(self.h - 1, f.y + int(LIP_DEFAULT * f.h))
-        rows = cv2.GaussianBlur(band.mean(axis=1).reshape(-1, 1), (1, 5), 0).ravel()
-        return y0 + int(np.argmin(rows))
+        ycc = cv2.cvtColor(np.ascontiguousarray(band), cv2.COLOR_RGB2YCrCb).astype(np.float32)
+        red = ycc[:, :, 1].mean(axis=1)
+        excess = np.maximum(red - np.median(red) - 1.0, 0.0)
+        if excess.sum() >= LIP_MIN_REDNESS * band.shape[0]:
+            return y0 + int(round(float((excess * np.arange(excess.shape[0])).sum() / excess.sum())))
+        luma = cv2.GaussianBlur(ycc[:, :, 0].mean(axis=1).reshape(-1, 1), (1, 5), 0).ravel()
+        return y0 + int(np.argmin(luma))
 
     def _setup_mouth(self) -> None:
         f = self.face

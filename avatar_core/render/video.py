@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -38,6 +39,8 @@ X264_CRF = 23
 # it can use; x264's own threads overlap encoding with our Python-side drawing.
 X264_THREADS = max(1, os.cpu_count() or 1)
 MAX_FPS = 60
+# Frames drawn ahead of the encoder: enough to keep both busy, few enough to stop fast on cancel.
+DRAW_AHEAD = 2
 # Report progress at most this often (fraction of the frames), so callbacks stay cheap.
 PROGRESS_STEP = 0.01
 # Share of the progress bar spent decoding and encoding the audio before the first frame.
@@ -188,24 +191,33 @@ def render_video(
 
         audio_packets = list(track.packets)
         next_audio = 0
-        rgb = np.empty((height, width, 3), dtype=np.uint8)
         step = max(1, int(n_frames * PROGRESS_STEP))
-        for i in range(n_frames):
-            check_cancel()
-            t = i / fps
-            animator.frame(t, float(opening[i]), float(blinks[i]), float(speech[i]), rgb)
-            yuv = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
-            frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
-            frame.pts = i
-            frame.time_base = vstream.time_base
-            # Interleave: audio up to the end of this frame, then the frame's packets.
-            horizon = (i + 1) / fps
-            while next_audio < len(audio_packets) and _packet_time(audio_packets[next_audio]) < horizon:
-                container.mux(audio_packets[next_audio])
-                next_audio += 1
-            container.mux(vstream.encode(frame))
-            if i % step == 0:
-                report(AUDIO_PROGRESS + (1 - AUDIO_PROGRESS) * i / n_frames)
+
+        def draw(i: int) -> np.ndarray:
+            rgb = np.empty((height, width, 3), dtype=np.uint8)
+            animator.frame(i / fps, float(opening[i]), float(blinks[i]), float(speech[i]), rgb)
+            return cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
+
+        # Drawing (OpenCV, which releases the GIL) runs one frame ahead on a helper thread
+        # while this thread feeds x264, so both cores stay busy.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="render-draw") as pool:
+            ahead = [pool.submit(draw, i) for i in range(min(DRAW_AHEAD, n_frames))]
+            for i in range(n_frames):
+                check_cancel()
+                yuv = ahead.pop(0).result()
+                if i + DRAW_AHEAD < n_frames:
+                    ahead.append(pool.submit(draw, i + DRAW_AHEAD))
+                frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+                frame.pts = i
+                frame.time_base = vstream.time_base
+                # Interleave: audio up to the end of this frame, then the frame's packets.
+                horizon = (i + 1) / fps
+                while next_audio < len(audio_packets) and _packet_time(audio_packets[next_audio]) < horizon:
+                    container.mux(audio_packets[next_audio])
+                    next_audio += 1
+                container.mux(vstream.encode(frame))
+                if i % step == 0:
+                    report(AUDIO_PROGRESS + (1 - AUDIO_PROGRESS) * i / n_frames)
         check_cancel()
         container.mux(vstream.encode(None))
         for packet in audio_packets[next_audio:]:
