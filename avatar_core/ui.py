@@ -59,9 +59,9 @@ DEFAULT_CONCURRENCY = 2
 # Requests waiting beyond the running ones. Past this Gradio answers "queue full" at once
 # instead of keeping someone waiting behind half an hour of jobs.
 QUEUE_MAX_SIZE = 64
-# The local preview renderer is CPU-bound (decode, draw, H.264 encode); one at a time
-# keeps each render fast on 2 cores, and the others are told they are waiting for it.
-LOCAL_RENDER_SLOTS = 1
+# Local previews are CPU-bound and are NOT limited here: the local provider keeps one
+# process-wide render queue (providers/local.py, MAX_CONCURRENT_RENDERS = one per core)
+# and reports each waiting job's place in it, which the status panel shows.
 # How many finished videos the in-session list keeps (the full history is the store's).
 SESSION_HISTORY_MAX = 12
 # The status panel's progress bar never claims "done" from a time estimate alone.
@@ -158,6 +158,11 @@ def configured_secrets(settings: Settings) -> list[str]:
 # ----------------------------------------------------------------------------- choices
 
 
+def short_label(provider: str) -> str:
+    """The provider's name in running text ("WaveSpeed", "Local preview")."""
+    return "Local preview" if provider == "local" else LABELS.get(provider, provider)
+
+
 def provider_label(info: ProviderInfo) -> str:
     """The dropdown label: what the provider is and whether it can run right now."""
     if info.offline:
@@ -248,7 +253,7 @@ class StatusBoard:
 
     @property
     def label(self) -> str:
-        return LABELS.get(self.provider, self.provider)
+        return short_label(self.provider)
 
     # -- events
 
@@ -270,7 +275,8 @@ class StatusBoard:
         elif isinstance(event, QueuedEvent):
             self.estimate_s = event.estimate_s or self.estimate_s
             pos = f" — position {event.position}" if event.position is not None else ""
-            self.headline = f"Waiting in {self.label}'s queue{pos}"
+            where = "for the local renderer" if self.provider == "local" else f"in {self.label}'s queue"
+            self.headline = f"Waiting {where}{pos}"
             self._set_progress(0.10)
         elif isinstance(event, ProcessingEvent):
             self.estimate_s = event.estimate_s or self.estimate_s
@@ -367,9 +373,7 @@ def history_entry(done: Done, *, tier: str, version: str, cost_usd: float | None
 
 
 def history_caption(entry: Mapping[str, Any]) -> str:
-    label = LABELS.get(entry["provider"], entry["provider"])
-    if entry["provider"] == "local":
-        label = "Local preview"
+    label = short_label(entry["provider"])
     length = f"{entry['duration_s']:.1f} s" if entry.get("duration_s") else "?"
     return f"{entry['finished_at']} · {label} · {entry['tier']} · {length}"
 
@@ -491,8 +495,6 @@ class Handlers:
     def __init__(self, settings: Settings | None = None, *, store: Any = None) -> None:
         self.settings = settings or load_settings()
         self.store = store
-        self._local_slots = asyncio.Semaphore(LOCAL_RENDER_SLOTS)
-        self._local_waiting = 0
 
     # -- choices
 
@@ -620,41 +622,8 @@ class Handlers:
             settings=self.settings, api_key=key, store=self.store, owner=owner,
             audio_seconds=prepared.audio.duration_s, estimated_cost_usd=prepared.cost.usd,
         )
-        if provider == "local":
-            async for f in self._wait_for_renderer(board, frame):
-                yield f
-            try:
-                async for f in self._follow(board, jobs, frame, tier, version):
-                    yield f
-            finally:
-                self._local_slots.release()
-        else:
-            async for f in self._follow(board, jobs, frame, tier, version):
-                yield f
-
-    async def _wait_for_renderer(self, board, frame):
-        if not self._local_slots.locked():
-            await self._local_slots.acquire()
-            return
-        self._local_waiting += 1
-        try:
-            acquire = asyncio.ensure_future(self._local_slots.acquire())
-            try:
-                while True:
-                    done, _ = await asyncio.wait({acquire}, timeout=1.0)
-                    if done:
-                        return
-                    ahead = self._local_waiting - 1
-                    more = f" ({ahead} other preview{'s' if ahead != 1 else ''} also waiting)" if ahead else ""
-                    yield frame(board.message("Waiting for the local renderer", f"Another preview is being rendered{more}."))
-            except BaseException:
-                if acquire.done() and not acquire.cancelled():
-                    self._local_slots.release()
-                else:
-                    acquire.cancel()
-                raise
-        finally:
-            self._local_waiting -= 1
+        async for f in self._follow(board, jobs, frame, tier, version):
+            yield f
 
     async def _follow(self, board, jobs, frame, tier, version):
         try:
@@ -678,7 +647,7 @@ class Handlers:
 
     def stopped(self, provider: str, request_id: str) -> str:
         """The status after the user pressed Stop."""
-        label = LABELS.get(provider, provider)
+        label = short_label(provider)
         if not request_id:
             text = "Stopped before anything was submitted: nothing was charged."
         elif provider == "local":

@@ -1,0 +1,225 @@
+"""The app as API users see it: gradio_client against a live server on 127.0.0.1.
+
+Complete jobs run with the offline ``local`` provider and with WaveSpeed and Segmind
+against the loopback emulator. We assert what a caller sees (streamed statuses, the
+returned MP4 and its length) and what went over the wire (the auth header).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import av
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+
+import app
+from avatar_core.config import load_settings
+from avatar_core.emulator import Emulator, JobPlan, tone_video_maker
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+IMAGE = EXAMPLES / "portrait.jpg"
+AUDIO = EXAMPLES / "voice.mp3"
+# The emulator accepts only these keys, so a wrong key is refused like the real thing.
+USER_WAVESPEED_KEY = "ws-user-own-key-7Q2x9"
+SERVER_SEGMIND_KEY = "sg-server-key-4k8Lm"
+JOB_TIMEOUT_S = 60
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _audio_seconds(path: Path) -> float:
+    with av.open(str(path)) as c:
+        stream = c.streams.audio[0]
+        samples = sum(f.samples for f in c.decode(stream))
+        return samples / stream.rate
+
+
+class Served:
+    def __init__(self, url: str, emu: Emulator, client: Client, out_dir: Path) -> None:
+        self.url, self.emu, self.client, self.out_dir = url, emu, client, out_dir
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("app-outputs")
+    with Emulator(
+        queue_s=0.3, processing_s=1.0, video_maker=tone_video_maker,
+        api_keys={"wavespeed": USER_WAVESPEED_KEY, "segmind": SERVER_SEGMIND_KEY},
+    ) as emu:
+        env = {
+            "WAVESPEED_BASE_URL": emu.url,
+            "SEGMIND_BASE_URL": emu.url,
+            "SEGMIND_UPLOAD_URL": emu.url + "/upload-asset",
+            "SEGMIND_API_KEY": SERVER_SEGMIND_KEY,
+            "AVATAR_OUTPUT_DIR": str(out_dir),
+            "AVATAR_POLL_TYPICAL_S": "1",
+        }
+        settings = load_settings(env=env, dotenv_path=None)
+        demo = app.build_demo(settings)
+        port = _free_port()
+        app.launch(demo, settings, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            yield Served(url, emu, Client(url, verbose=False), out_dir)
+        finally:
+            demo.close()
+
+
+def _run(served: Served, **params):
+    """Submit /generate and collect every streamed status until it ends -> (statuses, result)."""
+    job = served.client.submit(
+        image=handle_file(str(IMAGE)), audio=handle_file(str(AUDIO)), api_name="/generate",
+        **{"tier": "standard", "prompt": "", "api_key": "", **params},
+    )
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not job.done():
+        assert time.monotonic() < deadline, "the job did not finish in time"
+        time.sleep(0.05)
+    statuses = [out[0] for out in job.outputs()]
+    return statuses, job.result()
+
+
+def _video_path(value) -> Path:
+    path = value.get("video") if isinstance(value, dict) else value
+    assert path, f"no video returned: {value!r}"
+    return Path(path)
+
+
+def _assert_playable_mp4_as_long_as_the_audio(path: Path) -> None:
+    with av.open(str(path)) as c:
+        assert c.streams.video, "no video stream"
+        assert c.streams.video[0].codec_context.name == "h264"
+        duration = c.duration / 1_000_000
+    assert duration == pytest.approx(_audio_seconds(AUDIO), abs=0.1)
+
+
+# ----------------------------------------------------------------------------- API shape
+
+
+def test_generate_endpoint_has_the_documented_parameters(served):
+    info = served.client.view_api(print_info=False, return_format="dict")
+    endpoints = info["named_endpoints"]
+    params = [p["parameter_name"] for p in endpoints["/generate"]["parameters"]]
+    assert params[:6] == ["image", "audio", "provider", "tier", "prompt", "api_key"]
+    optional = {p["parameter_name"] for p in endpoints["/generate"]["parameters"] if p["parameter_has_default"]}
+    assert {"provider", "tier", "prompt", "api_key", "version", "image_url", "audio_url", "trim_silence"} <= optional
+    # UI-only events (input checks, buttons, history) are not part of the API.
+    assert list(endpoints) == ["/generate"]
+    assert len(endpoints["/generate"]["returns"]) == 3  # status, request id, video
+
+
+def test_served_config_switches_off_browser_run_history(served):
+    config = httpx.get(served.url + "config", timeout=10).json()
+    assert config["run_history"] is False
+    # The key box never carries a value in the page's config.
+    key_box = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "api-key"]
+    assert key_box and key_box[0]["props"]["type"] == "password" and not key_box[0]["props"].get("value")
+
+
+# ----------------------------------------------------------------------------- complete jobs
+
+
+def test_local_preview_end_to_end(served):
+    statuses, (status, request_id, video) = _run(served, provider="local")
+    assert statuses[0].startswith("### ⏳ Checking your files")
+    assert any("Rendering the preview" in s for s in statuses)
+    assert "Done in" in status and request_id and request_id in status
+    _assert_playable_mp4_as_long_as_the_audio(_video_path(video))
+
+
+def test_wavespeed_with_the_users_own_key(served):
+    served.emu.requests.clear()
+    statuses, (status, request_id, video) = _run(served, provider="wavespeed", api_key=USER_WAVESPEED_KEY)
+    joined = "\n".join(statuses)
+    for stage in ("Checking your files", "Sending the image to WaveSpeed", "Submitted to WaveSpeed",
+                  "Generating the video", "Done in"):
+        assert stage in joined, stage
+    assert "estimated **$0.50**" in status  # 6.5 s = two started 5 s blocks at $0.25
+    submits = served.emu.requests.to("POST", r"^/api/v3/kwaivgi/kling-v1-ai-avatar-standard$")
+    assert len(submits) == 1
+    assert submits[0].header("authorization") == f"Bearer {USER_WAVESPEED_KEY}"
+    assert submits[0].json["image"].startswith(served.emu.url)
+    assert request_id and request_id in served.emu.jobs
+    assert USER_WAVESPEED_KEY not in joined
+    _assert_playable_mp4_as_long_as_the_audio(_video_path(video))
+
+
+def test_segmind_with_the_servers_key(served):
+    served.emu.requests.clear()
+    statuses, (status, request_id, video) = _run(served, provider="segmind", tier="pro")
+    assert "Done in" in status and "Segmind, pro" in status
+    submits = served.emu.requests.to("POST", r"^/v2/kling-v1-pro-ai-avatar$")
+    assert len(submits) == 1 and submits[0].header("x-api-key") == SERVER_SEGMIND_KEY
+    assert submits[0].header("authorization") is None
+    assert not any(SERVER_SEGMIND_KEY in s for s in statuses)
+    _assert_playable_mp4_as_long_as_the_audio(_video_path(video))
+
+
+# ----------------------------------------------------------------------------- problems
+
+
+def test_a_refused_key_is_explained_and_never_echoed(served):
+    wrong = "ws-wrong-key-ZZ9plural"
+    statuses, (status, _rid, video) = _run(served, provider="wavespeed", api_key=wrong)
+    assert "could not be made" in status and "refused the API key" in status
+    assert video is None
+    assert not any(wrong in s for s in statuses)
+
+
+def test_a_hosted_provider_without_any_key_says_what_to_do(served):
+    served.emu.requests.clear()
+    _statuses, (status, _rid, video) = _run(served, provider="wavespeed")
+    assert "No API key for WaveSpeed" in status and "your own key" in status and video is None
+    assert not served.emu.requests.to("POST", r"^/api/v3/kwaivgi/")  # nothing was submitted
+
+
+def test_a_failed_job_shows_the_providers_reason(served):
+    served.emu.plan_jobs(JobPlan(fail="Content blocked by the safety filter"))
+    _statuses, (status, request_id, video) = _run(served, provider="wavespeed", api_key=USER_WAVESPEED_KEY)
+    assert "could not be made" in status and "safety filter" in status
+    assert request_id and request_id in status and video is None
+    assert "Traceback" not in status
+
+
+def test_cancel_stops_the_job_on_the_server(served):
+    served.emu.plan_jobs(JobPlan(processing_s=120))
+    job = served.client.submit(
+        image=handle_file(str(IMAGE)), audio=handle_file(str(AUDIO)), provider="wavespeed", tier="standard",
+        prompt="", api_key=USER_WAVESPEED_KEY, api_name="/generate",
+    )
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not any("Generating the video" in o[0] for o in job.outputs()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    job.cancel()
+    time.sleep(1.0)
+    polls = len(served.emu.requests.to("GET", r"/predictions/.*/result$"))
+    time.sleep(2.0)
+    assert len(served.emu.requests.to("GET", r"/predictions/.*/result$")) == polls, "still polling after cancel"
+
+
+def test_jobs_run_side_by_side_not_one_after_another(served):
+    served.emu.plan_jobs(JobPlan(processing_s=3.0), JobPlan(processing_s=3.0))
+    start = time.monotonic()
+    jobs = [
+        served.client.submit(
+            image=handle_file(str(IMAGE)), audio=handle_file(str(AUDIO)), provider="wavespeed", tier="standard",
+            prompt="", api_key=USER_WAVESPEED_KEY, api_name="/generate",
+        )
+        for _ in range(2)
+    ]
+    results = [j.result(timeout=JOB_TIMEOUT_S) for j in jobs]
+    elapsed = time.monotonic() - start
+    assert all("Done in" in r[0] for r in results)
+    # Serialised, two 3.3 s jobs would take more than 6.6 s plus overheads.
+    assert elapsed < 6.0, f"two jobs took {elapsed:.1f} s: they were serialised"
