@@ -164,6 +164,17 @@ def test_picture_given_as_audio(tmp_path, settings):
     assert "photo.png" in str(exc.value)
 
 
+def test_header_without_samples(tmp_path, settings):
+    import wave
+
+    with wave.open(str(tmp_path / "hollow.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+    with pytest.raises(InputError, match="hollow.wav is damaged or empty: no sound could be decoded"):
+        check_audio(tmp_path / "hollow.wav", settings=settings)
+
+
 def test_empty_and_missing(tmp_path, settings):
     (tmp_path / "empty.wav").write_bytes(b"")
     with pytest.raises(InputError, match=r"empty \(0 bytes\)"):

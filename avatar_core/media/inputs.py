@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
+from ..config import Settings
 from ..errors import InputError
 from ..providers.base import default_version, model_id
 from . import audio as _audio
@@ -99,7 +100,7 @@ class PreparedInputs:
     warnings: list[str]
 
 
-def _work_dir(settings) -> Path:
+def _work_dir(settings: Settings) -> Path:
     d = Path(settings.output_dir) / INPUTS_DIRNAME
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -124,7 +125,7 @@ def _file_digest(path: Path) -> str:
 def _materialise(
     source: str | os.PathLike,
     *,
-    settings,
+    settings: Settings,
     what: str,
     max_bytes: int,
     resolver: Resolver | None,
@@ -159,7 +160,7 @@ def _materialise(
 def check_image(
     source: str | os.PathLike,
     *,
-    settings,
+    settings: Settings,
     resolver: Resolver | None = None,
     transport: httpx.BaseTransport | None = None,
 ) -> ImageCheck:
@@ -240,7 +241,7 @@ def check_audio(
     source: str | os.PathLike,
     *,
     provider: str = "local",
-    settings,
+    settings: Settings,
     trim_silence: bool = False,
     tier: str = "standard",
     version: str | None = None,
@@ -364,7 +365,7 @@ def prepare_inputs(
     provider: str,
     tier: str,
     version: str | None = None,
-    settings,
+    settings: Settings,
     trim_silence: bool = False,
     resolver: Resolver | None = None,
     transport: httpx.BaseTransport | None = None,
