@@ -65,7 +65,7 @@ def test_missing_or_malformed_bearer_is_401_with_envelope_body(emu, headers):
     assert emu.jobs == {}
 
 
-def test_configured_keys_reject_others(tmp_path):
+def test_configured_keys_reject_others():
     with Emulator(api_keys={"wavespeed": "good"}, video_maker=tone_video_maker) as emu:
         bad = httpx.get(f"{emu.url}/api/v3/predictions/x/result", headers={"Authorization": "Bearer bad"})
         good = httpx.get(f"{emu.url}/api/v3/predictions/x/result", headers={"Authorization": "Bearer good"})
@@ -123,7 +123,7 @@ def test_submit_envelope_and_status_progression(emu, client, clock, media):
 
 
 def test_the_submit_is_recorded_on_the_wire(emu, client, media):
-    submit(client, media, webhook_ignored=None)
+    submit(client, media)
     uploads = emu.requests_to("POST", r"^/api/v3/media/upload/binary$")
     assert [(u.form[0].name, u.form[0].filename) for u in uploads] == [("file", "face.png"), ("file", "voice.wav")]
     (sent,) = emu.requests_to("POST", re.escape(MODEL))

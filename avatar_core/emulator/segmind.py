@@ -73,7 +73,8 @@ class SegmindProtocol(Protocol):
             ("GET", r"/v2/requests/(?P<id>[^/]+)/status", self.status),
             ("GET", r"/v2/requests/(?P<id>[^/]+)", self.response),
             ("POST", r"/v2/(?P<slug>[^/]+)", self.submit),
-            ("POST", r"/v1/(?P<slug>[^/]+)", self.submit_sync),
+            # Only kling-* slugs: other providers (Replicate's /v1/files) live under /v1 too.
+            ("POST", r"/v1/(?P<slug>kling-[^/]+)", self.submit_sync),
         ]
 
     def error(self, status: int, message: str) -> Response:

@@ -405,7 +405,11 @@ class Protocol:
         self.emu = emulator
 
     def routes(self) -> list[tuple[str, str, Handler]]:
-        """(method, path regex matched in full, handler) in priority order."""
+        """(method, path regex matched in full, handler) in priority order.
+
+        All mounted protocols share one table, tried in mount order, so patterns must be
+        specific enough not to swallow another provider's paths (Segmind's ``/v1/{slug}``
+        only takes ``kling-*`` slugs, leaving ``/v1/files`` etc. to others)."""
         return []
 
     def error(self, status: int, message: str) -> Response:
@@ -935,7 +939,12 @@ class Emulator:
             if route.method == method:
                 return route, m, route.protocol, allowed
             allowed.append(route.method)
-        owner = next((p for p in self.protocols.values() if any(path.startswith(x) for x in p.prefixes)), None)
+        # Unrouted paths answer in the shape of the protocol with the longest matching prefix.
+        best, owner = 0, None
+        for proto in self.protocols.values():
+            for prefix in proto.prefixes:
+                if path.startswith(prefix) and len(prefix) > best:
+                    best, owner = len(prefix), proto
         return None, None, owner, allowed
 
     def _answer(self, route, match, protocol, allowed, record, fault) -> Response:

@@ -158,14 +158,7 @@ class VideoCache:
         """The rendered file; raises TimeoutError, or the renderer's own exception."""
         with self._lock:
             future = self._futures[key]
-        try:
-            return future.result(timeout=timeout)
-        except TimeoutError:
-            raise
-        except Exception as exc:
-            if type(exc).__name__ == "TimeoutError" and not future.done():
-                raise TimeoutError(str(exc)) from exc
-            raise
+        return future.result(timeout=timeout)  # concurrent.futures.TimeoutError is TimeoutError
 
 
 def _render(maker: VideoMaker, image_path: Path, audio_path: Path, out_path: Path, tier: str) -> Path:
