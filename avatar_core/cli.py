@@ -112,8 +112,9 @@ async def _generate(args, settings) -> int:
     for warning in prepared.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     cost = prepared.cost
-    print(f"inputs ok: audio {prepared.audio.duration_s:.1f} s; estimated cost: "
-          f"{cost.text if hasattr(cost, 'text') else cost.usd}", flush=True)
+    price = "unknown" if cost.usd is None else f"${cost.usd:.2f}"
+    print(f"inputs ok: image {prepared.image.width}x{prepared.image.height}, {len(prepared.image.faces)} face(s); "
+          f"audio {prepared.audio.duration_s:.1f} s; estimated cost {price} ({cost.basis})", flush=True)
     image, audio = jobs.inputs_to_send(prepared, args.provider)
     events = jobs.run_job(
         args.provider, image, audio, tier=args.tier, version=version, prompt=args.prompt or "",

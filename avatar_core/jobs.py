@@ -225,8 +225,7 @@ def inputs_to_send(prepared: Any, provider: str) -> tuple[str, str]:
     chosen = []
     for check in (prepared.image, prepared.audio):
         url = getattr(check, "source_url", None)
-        unchanged = not getattr(check, "converted", True)
-        if url and unchanged and provider != "local":
+        if url and getattr(check, "passthrough_ok", False) and provider != "local":
             chosen.append(url)
         else:
             chosen.append(str(check.path))
