@@ -119,9 +119,13 @@ async def _generate(args, settings) -> int:
     events = jobs.run_job(
         args.provider, image, audio, tier=args.tier, version=version, prompt=args.prompt or "",
         settings=settings, store=_open_store(settings), audio_seconds=prepared.audio.duration_s,
-        estimated_cost_usd=getattr(cost, "usd", None),
+        estimated_cost_usd=cost.usd, input_names=(_source_name(args.image), _source_name(args.audio)),
     )
     return await _print_events(events, args.out)
+
+
+def _source_name(source: str) -> str:
+    return source.split("?")[0].rstrip("/").rsplit("/", 1)[-1] or source
 
 
 async def _resume(args, settings) -> int:

@@ -141,6 +141,7 @@ async def run_job(
     owner: str | None = None,
     audio_seconds: float | None = None,
     estimated_cost_usd: float | None = None,
+    input_names: tuple[str | None, str | None] = (None, None),
     out_path: Path | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     client: Provider | None = None,
@@ -148,7 +149,11 @@ async def run_job(
     sleep: Sleep = asyncio.sleep,
     schedule: PollSchedule | None = None,
 ) -> AsyncIterator[JobEvent]:
-    """Run one job from local files or public URLs to a local MP4. See the module doc."""
+    """Run one job from local files or public URLs to a local MP4. See the module doc.
+
+    ``input_names`` are the names the user knows the inputs by (for the history), when
+    ``image``/``audio`` are normalised copies.
+    """
     settings = settings or load_settings()
     try:
         version = version or default_version(provider)
@@ -159,6 +164,7 @@ async def run_job(
         yield _failed_event(exc, provider, None, 0.0)
         return
     ctx = _make_context(provider_obj, settings, store, owner, clock, sleep, transport, tier, out_path, schedule)
+    ctx.extra["names"] = (input_names[0] or _display_name(image), input_names[1] or _display_name(audio))
     drive = _drive(ctx, _new_job(ctx, image, audio, tier, version, model, prompt, audio_seconds, estimated_cost_usd))
     try:
         async for event in drive:
@@ -317,7 +323,7 @@ async def _new_job(ctx, image, audio, tier, version, model, prompt, audio_second
     _store_call(
         ctx.store, "record_submitted",
         provider=ctx.provider.name, request_id=ctx.handle.request_id, model=ctx.handle.model or model, tier=tier,
-        version=version, prompt=prompt, image_name=_display_name(image), audio_name=_display_name(audio),
+        version=version, prompt=prompt, image_name=ctx.extra["names"][0], audio_name=ctx.extra["names"][1],
         audio_seconds=audio_seconds, estimated_cost_usd=cost, owner=ctx.owner,
     )
     _update(ctx, status="submitted")
