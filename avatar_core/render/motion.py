@@ -143,7 +143,7 @@ class FaceAnimator:
         self._work = base.copy()
         self._dirty: list[_Region] = []
         self._setup_mouth()
-        self._eyes = [self._setup_eye(e) for e in (eyes if len(eyes) == 2 else self._estimated_eyes())]
+        self._eyes = [self._setup_eye(e) for e in (eyes if self._plausible(eyes) else self._estimated_eyes())]
         self._eyes = [e for e in self._eyes if e is not None]
 
     # ---------------------------------------------------------------- mouth
@@ -227,6 +227,15 @@ class FaceAnimator:
         return r, blended.astype(np.uint8)
 
     # ---------------------------------------------------------------- eyes
+
+    def _plausible(self, eyes: list[FaceBox]) -> bool:
+        """Two detections side by side in the upper face (Haar also "finds" brows and nostrils)."""
+        if len(eyes) != 2:
+            return False
+        f = self.face
+        (ax, ay), (bx, by) = ((e.x + e.w / 2, e.y + e.h / 2) for e in eyes)
+        return (abs(ax - bx) > 0.25 * f.w and abs(ay - by) < 0.15 * f.h
+                and all(f.y + 0.15 * f.h < y < f.y + 0.6 * f.h for y in (ay, by)))
 
     def _estimated_eyes(self) -> list[FaceBox]:
         f = self.face
