@@ -30,7 +30,18 @@ CSS = """
 .gradio-container { max-width: 1180px !important; margin: 0 auto; }
 #intro p { font-size: 1.05rem; margin-top: 0; }
 #status { min-height: 7rem; }
-#status progress.job-progress { width: 100%; height: 0.9rem; accent-color: var(--color-accent); vertical-align: middle; }
+#status progress {
+  -webkit-appearance: none; appearance: none; width: 100%; height: 0.8rem; border: none;
+  border-radius: 999px; overflow: hidden; vertical-align: middle; background: var(--neutral-200);
+}
+#status progress::-webkit-progress-bar { background: var(--neutral-200); border-radius: 999px; }
+#status progress::-webkit-progress-value { background: var(--button-primary-background-fill); border-radius: 999px; }
+#status progress::-moz-progress-bar { background: var(--button-primary-background-fill); }
+#status progress:not([value])::-webkit-progress-bar {
+  background: linear-gradient(90deg, var(--neutral-200) 30%, var(--button-primary-background-fill) 50%, var(--neutral-200) 70%);
+  background-size: 300% 100%; animation: job-busy 1.6s linear infinite;
+}
+@keyframes job-busy { from { background-position: 100% 0; } to { background-position: 0 0; } }
 #status h3 { margin: 0.2rem 0 0.4rem; }
 #generate-row button { min-height: 3rem; }
 @media (max-width: 640px) {
@@ -123,19 +134,20 @@ def build_demo(settings: Settings | None = None, *, store=None) -> gr.Blocks:
                 cost = gr.Markdown(ui.cost_markdown(default_provider, "standard", None, None), elem_id="cost")
                 with gr.Row(elem_id="generate-row"):
                     generate_btn = gr.Button("Generate video", variant="primary", scale=3, elem_id="generate")
-                    stop_btn = gr.Button("Stop", variant="stop", interactive=False, scale=1, elem_id="stop")
+                    stop_btn = gr.Button("Stop", variant="secondary", interactive=False, scale=1, elem_id="stop")
                 status = gr.Markdown(ui.IDLE_STATUS, elem_id="status")
                 request_id = gr.Textbox(
                     label="Request id", interactive=False, buttons=["copy"], elem_id="request-id",
                     info="Keep it to find the job at the provider.",
                 )
-                video = gr.Video(label="Your video", interactive=False, buttons=["download"], elem_id="video")
+                video = gr.Video(
+                    label="Your video", interactive=False, buttons=["download"], height=460, elem_id="video",
+                )
                 download = gr.DownloadButton("Download MP4", visible=False, elem_id="download")
 
         with gr.Accordion("Videos made in this session", open=True):
-            gallery = gr.Gallery(
-                label="Finished this session", show_label=False, columns=4, height="auto",
-                allow_preview=True, elem_id="session-videos",
+            session_videos = gr.Radio(
+                [], value=None, label="Finished videos", info=ui.SESSION_EMPTY, elem_id="session-videos",
             )
 
         # --- input checks, as soon as an input arrives (UI only, not part of the API)
@@ -164,9 +176,10 @@ def build_demo(settings: Settings | None = None, *, store=None) -> gr.Blocks:
             concurrency_id="generate",
             show_progress="hidden",
         )
-        run.then(h.finished, [last_job, history], [download, gallery, history], **private).then(
+        run.then(h.finished, [last_job, history], [download, session_videos, history], **private).then(
             ui.unlock_controls, None, [generate_btn, stop_btn], queue=False, **private
         )
+        session_videos.input(ui.play_from_history, [session_videos, history], [video, download], **private)
         stop_btn.click(h.stopped, [provider, request_id], status, cancels=[run], queue=False, **private).then(
             ui.unlock_controls, None, [generate_btn, stop_btn], queue=False, **private
         )

@@ -228,6 +228,8 @@ def cost_markdown(provider: str, tier: str, version: str | None, seconds: float 
 
 
 # ----------------------------------------------------------------------------- status panel
+# Words, not emoji: emoji fonts are missing on many servers' headless browsers and some
+# desktops, where they show as empty boxes.
 
 
 @dataclass
@@ -321,16 +323,14 @@ class StatusBoard:
         self.finished = True
         cancelled = kind == "JobCancelled"
         self.headline = "Cancelled" if cancelled else "The video could not be made"
-        icon = "⏹" if cancelled else "⚠️"
-        parts = [f"### {icon} {self.headline}", md_escape(message)]
+        parts = [f"### {self.headline}", md_escape(message)]
         parts.append(self._facts())
         return "\n\n".join(p for p in parts if p)
 
     # -- rendering
 
     def render(self) -> str:
-        icon = "✅" if self.finished else "⏳"
-        lines = [f"### {icon} {md_escape(self.headline)}", self._bar(), self._facts()]
+        lines = [f"### {md_escape(self.headline)}", self._bar(), self._facts()]
         lines += self.details
         return "\n\n".join(line for line in lines if line)
 
@@ -388,9 +388,30 @@ def add_to_history(history: list[dict] | None, entry: Mapping[str, Any] | None) 
     return [dict(entry), *history][:SESSION_HISTORY_MAX]
 
 
-def history_gallery(history: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
-    """(video path, caption) pairs for a gr.Gallery; files that vanished are left out."""
-    return [(h["path"], history_caption(h)) for h in history if Path(h["path"]).is_file()]
+SESSION_EMPTY = "None yet: finished videos appear here."
+SESSION_PICK = "Pick one to play it in the player above."
+
+
+def history_key(entry: Mapping[str, Any]) -> str:
+    return f"{entry['provider']}:{entry['request_id']}"
+
+
+def history_choices(history: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(caption, key) choices of the session list; files that vanished are left out."""
+    return [(history_caption(h), history_key(h)) for h in history if Path(h["path"]).is_file()]
+
+
+def history_radio(history: Sequence[Mapping[str, Any]], selected: str | None = None) -> Any:
+    choices = history_choices(history)
+    return gr.update(choices=choices, value=selected, info=SESSION_PICK if choices else SESSION_EMPTY)
+
+
+def play_from_history(key: str | None, history: list[dict] | None) -> tuple[Any, Any]:
+    """Load a video from the session list into the player and the download button."""
+    for entry in history or []:
+        if history_key(entry) == key and Path(entry["path"]).is_file():
+            return entry["path"], gr.update(value=entry["path"], visible=True)
+    return gr.update(), gr.update()
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -400,17 +421,17 @@ def image_check_markdown(check) -> str:
     """The words under the portrait preview."""
     faces = len(check.faces)
     if faces == 1:
-        head = f"✅ **Face found** · {check.width}×{check.height} px"
+        head = f"**Face found** · {check.width}×{check.height} px"
     elif faces == 0:
-        head = f"⚠️ **No face found** · {check.width}×{check.height} px"
+        head = f"**No face found** · {check.width}×{check.height} px"
     else:
-        head = f"⚠️ **{faces} faces found** · {check.width}×{check.height} px"
+        head = f"**{faces} faces found** · {check.width}×{check.height} px"
     notes = [f"- {md_escape(w)}" for w in check.warnings]
     return "\n".join([head, *notes])
 
 
 def audio_check_markdown(check) -> str:
-    head = f"✅ **{format_duration(check.duration_s)}** of audio ({check.duration_s:.1f} s, sent as {check.format.upper()})"
+    head = f"**{format_duration(check.duration_s)}** of audio ({check.duration_s:.1f} s, sent as {check.format.upper()})"
     notes = [f"- {md_escape(w)}" for w in check.warnings]
     if check.trimmed_s:
         saved = f", saving {format_usd(check.money_saved_usd)}" if check.money_saved_usd else ""
@@ -419,7 +440,7 @@ def audio_check_markdown(check) -> str:
 
 
 def problem_markdown(message: str) -> str:
-    return f"❌ {md_escape(message)}"
+    return f"**Problem:** {md_escape(message)}"
 
 
 def friendly_unexpected(exc: BaseException, secrets: Sequence[str | None] = ()) -> str:
@@ -643,7 +664,7 @@ class Handlers:
         """Add a finished job to the session list; show its download button."""
         history = add_to_history(history, job)
         download = gr.update(value=job["path"], visible=True) if job else gr.update()
-        return download, history_gallery(history), history
+        return download, history_radio(history, history_key(job) if job else None), history
 
     def stopped(self, provider: str, request_id: str) -> str:
         """The status after the user pressed Stop."""
@@ -659,4 +680,4 @@ class Handlers:
                 f"Stopped waiting. {label} cannot cancel a job once it has started, so job `{request_id}` "
                 "may still finish and be billed. Keep the request id to collect the video later."
             )
-        return "\n\n".join(["### ⏹ Stopped", text])
+        return "\n\n".join(["### Stopped", text])

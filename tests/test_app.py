@@ -131,7 +131,7 @@ def test_served_config_switches_off_browser_run_history(served):
 
 def test_local_preview_end_to_end(served):
     statuses, (status, request_id, video) = _run(served, provider="local")
-    assert statuses[0].startswith("### ⏳ Checking your files")
+    assert statuses[0].startswith("### Checking your files")
     assert any("Rendering the preview" in s for s in statuses)
     assert "Done in" in status and request_id and request_id in status
     _assert_playable_mp4_as_long_as_the_audio(_video_path(video))

@@ -202,14 +202,18 @@ def test_session_history_is_newest_first_without_duplicates_and_bounded(tmp_path
     assert history[0]["request_id"] == oldest["request_id"]
     assert len({h["request_id"] for h in history}) == len(history)
     assert ui.add_to_history(history, None) == history
-    gallery = ui.history_gallery(history)
-    assert gallery[0][0] == history[0]["path"] and "WaveSpeed" in gallery[0][1] and "6.5 s" in gallery[0][1]
+    choices = ui.history_choices(history)
+    assert choices[0][1] == f"wavespeed:{oldest['request_id']}"
+    assert "WaveSpeed" in choices[0][0] and "6.5 s" in choices[0][0]
+    video, download = ui.play_from_history(choices[0][1], history)
+    assert video == oldest["path"] and download["visible"] is True
 
 
 def test_history_entries_hold_no_key_and_skip_vanished_files(tmp_path):
     entry = ui.history_entry(_done("r1", tmp_path / "gone.mp4"), tier="pro", version="v1", cost_usd=None)
     assert not any("key" in k for k in entry)
-    assert ui.history_gallery([entry]) == []
+    assert ui.history_choices([entry]) == []
+    assert ui.play_from_history("wavespeed:r1", [entry]) == ({"__type__": "update"}, {"__type__": "update"})
 
 
 # ----------------------------------------------------------------------------- handlers (no server)
@@ -235,7 +239,7 @@ def test_image_check_problems_are_sentences_not_tracebacks(tmp_path):
     bad.write_bytes(b"not an image at all")
     h = ui.Handlers(Settings(output_dir=tmp_path))
     preview, words = h.check_image(str(bad), "")
-    assert preview is None and words.startswith("❌") and "Traceback" not in words
+    assert preview is None and words.startswith("**Problem:**") and "Traceback" not in words
 
 
 def test_audio_check_reports_duration_and_feeds_the_cost(tmp_path):

@@ -1,0 +1,211 @@
+"""The app in a real browser: Debian's Chromium driven by Playwright, server on 127.0.0.1.
+
+Covers what only a browser shows: uploads are checked and previewed, the status panel
+updates while a job runs, the finished <video> loads and is as long as the voice clip,
+and a typed API key is left nowhere in the page's storage. Screenshots of the finished
+page (desktop and phone width) go to tests/artifacts/ for a human to look at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import av
+import pytest
+
+import app
+from avatar_core.config import load_settings
+from avatar_core.emulator import Emulator, tone_video_maker
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = ROOT / "examples" / "portrait.jpg"
+AUDIO = ROOT / "examples" / "voice.mp3"
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run", "--disable-quic",
+]
+# Distinctive, so a hit in storage or HTML can only be this key.
+TYPED_KEY = "ws-browser-typed-KEY-93jd7Qx"
+JOB_TIMEOUT_MS = 60_000
+
+
+def _need_chromium() -> None:
+    if Path(CHROMIUM).exists() or shutil.which("chromium"):
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{CHROMIUM} is missing on CI: install Debian's chromium package.")
+    pytest.skip(f"{CHROMIUM} is not installed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _audio_seconds(path: Path) -> float:
+    with av.open(str(path)) as c:
+        stream = c.streams.audio[0]
+        return sum(f.samples for f in c.decode(stream)) / stream.rate
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("browser-outputs")
+    with Emulator(queue_s=0.3, processing_s=1.5, video_maker=tone_video_maker,
+                  api_keys={"wavespeed": TYPED_KEY}) as emu:
+        env = {
+            "WAVESPEED_BASE_URL": emu.url,
+            "SEGMIND_BASE_URL": emu.url,
+            "SEGMIND_UPLOAD_URL": emu.url + "/upload-asset",
+            "AVATAR_OUTPUT_DIR": str(out_dir),
+            "AVATAR_POLL_TYPICAL_S": "1",
+        }
+        settings = load_settings(env=env, dotenv_path=None)
+        demo = app.build_demo(settings)
+        port = _free_port()
+        app.launch(demo, settings, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        try:
+            yield f"http://127.0.0.1:{port}/", emu
+        finally:
+            demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _need_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _open(browser, url: str, width: int = 1280, height: int = 900):
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(url)
+    page.locator("#generate").wait_for()
+    return context, page
+
+
+def _add_inputs(page) -> None:
+    page.locator("#image-input input[type=file]").set_input_files(str(IMAGE))
+    page.locator("#image-notes").get_by_text("Face found").wait_for()
+    page.locator("#audio-input input[type=file]").set_input_files(str(AUDIO))
+    page.locator("#audio-notes").get_by_text(re.compile("of audio")).wait_for()
+
+
+def _choose_provider(page, label: str, note: str) -> None:
+    page.locator("#provider input").click()
+    page.get_by_role("option", name=re.compile(label)).click()
+    page.locator("#provider-note").get_by_text(re.compile(note)).wait_for()
+
+
+def _generate_and_watch(page) -> list[str]:
+    """Press Generate and record every distinct status text until the job is done."""
+    page.locator("#generate").click()
+    seen: list[str] = []
+    deadline = time.monotonic() + JOB_TIMEOUT_MS / 1000
+    while time.monotonic() < deadline:
+        text = page.locator("#status").inner_text()
+        if not seen or text != seen[-1]:
+            seen.append(text)
+        if "Done in" in text or "could not be made" in text:
+            break
+        time.sleep(0.1)
+    return seen
+
+
+def _video_duration(page) -> float:
+    video = page.locator("#video video")
+    video.wait_for(state="attached", timeout=JOB_TIMEOUT_MS)
+    return video.evaluate(
+        """(el) => new Promise((resolve, reject) => {
+            if (el.readyState >= 1 && isFinite(el.duration)) return resolve(el.duration);
+            el.addEventListener('loadedmetadata', () => resolve(el.duration), {once: true});
+            el.addEventListener('error', () => reject(new Error('video error ' + (el.error && el.error.code))), {once: true});
+            el.load();
+        })"""
+    )
+
+
+def test_make_a_local_preview_in_the_browser(server, browser):
+    url, _emu = server
+    context, page = _open(browser, url)
+    try:
+        expect_seconds = _audio_seconds(AUDIO)
+        _add_inputs(page)
+        assert page.locator("#image-preview img").count() == 1  # the face-check picture
+        assert page.locator("#waveform img").count() == 1
+        assert "free" in page.locator("#cost").inner_text()
+        _choose_provider(page, "Local preview", "Offline preview")
+        page.locator("#tier").get_by_text("Pro (about 1080p, slower)").click()
+
+        statuses = _generate_and_watch(page)
+        assert "Done in" in statuses[-1], statuses[-3:]
+        assert len(statuses) >= 3, statuses  # it moved through stages, not straight to the end
+        assert any("Rendering the preview" in s or "Waiting for the local renderer" in s for s in statuses)
+        assert "Local preview, pro" in statuses[-1]
+
+        assert _video_duration(page) == pytest.approx(expect_seconds, abs=0.1)
+        page.locator("#download").wait_for(state="visible")
+        page.locator("#session-videos").get_by_text(re.compile("Local preview · pro")).wait_for()
+        assert "Traceback" not in page.content()
+
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "app_after_run.png"), full_page=True)
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(ARTIFACTS / "app_after_run_phone.png"), full_page=True)
+    finally:
+        context.close()
+
+
+def test_a_typed_key_stays_out_of_browser_storage(server, browser):
+    url, emu = server
+    context, page = _open(browser, url)
+    try:
+        _add_inputs(page)
+        _choose_provider(page, "WaveSpeed", "WaveSpeed")
+        page.locator("#api-key input").fill(TYPED_KEY)
+        emu.requests.clear()
+
+        statuses = _generate_and_watch(page)
+        assert "Done in" in statuses[-1], statuses[-3:]
+        submits = emu.requests.to("POST", r"^/api/v3/kwaivgi/")
+        assert len(submits) == 1 and submits[0].header("authorization") == f"Bearer {TYPED_KEY}"
+        assert _video_duration(page) == pytest.approx(_audio_seconds(AUDIO), abs=0.1)
+        page.wait_for_timeout(500)  # let any after-run bookkeeping in the page finish
+
+        storage = page.evaluate(
+            """() => JSON.stringify({
+                local: Object.fromEntries(Object.keys(localStorage).map(k => [k, localStorage.getItem(k)])),
+                session: Object.fromEntries(Object.keys(sessionStorage).map(k => [k, sessionStorage.getItem(k)])),
+                cookies: document.cookie,
+            })"""
+        )
+        assert TYPED_KEY not in storage, json.loads(storage)
+        assert not any(k.startswith("gradio:run-history") for k in json.loads(storage)["local"])
+        assert TYPED_KEY not in page.content()
+        assert TYPED_KEY not in "\n".join(statuses)
+        # After a reload the key box is empty: nothing brought it back.
+        page.reload()
+        page.locator("#api-key input").wait_for()
+        assert page.locator("#api-key input").input_value() == ""
+    finally:
+        context.close()
