@@ -107,6 +107,17 @@ def test_output_is_a_browser_playable_mp4_as_long_as_the_audio(talking):
     assert atoms.index("moov") < atoms.index("mdat"), atoms  # faststart: plays while downloading
 
 
+def test_the_soundtrack_is_the_voice_in_time(talking):
+    result, _ = talking
+    with av.open(str(result.path)) as c:
+        pcm = np.concatenate([f.to_ndarray().mean(axis=0) for f in c.decode(audio=0)])
+        rate = c.streams.audio[0].codec_context.sample_rate
+    per_second = [float(np.sqrt(np.mean(pcm[s * rate + rate // 10:(s + 1) * rate - rate // 10] ** 2)))
+                  for s in range(5)]
+    loud, quiet = per_second[0::2], per_second[1::2]
+    assert min(loud) > 0.1 and max(quiet) < 0.01, per_second
+
+
 def test_mouth_moves_with_the_voice_and_rests_in_silence(talking, media):
     result, frames = talking
     face = detect_faces(Image.open(media["face"]))[0]  # same scale: the output is 512x512 too

@@ -200,8 +200,8 @@ def render_video(
             animator.frame(i / fps, float(opening[i]), float(blinks[i]), float(speech[i]), rgb)
             return cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
 
-        # Drawing (OpenCV, which releases the GIL) runs one frame ahead on a helper thread
-        # while this thread feeds x264, so both cores stay busy.
+        # Drawing (OpenCV, which releases the GIL) runs DRAW_AHEAD frames ahead on a helper
+        # thread while this thread feeds x264, so both cores stay busy.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="render-draw") as pool:
             ahead = [pool.submit(draw, i) for i in range(min(DRAW_AHEAD, n_frames))]
             for i in range(n_frames):
@@ -236,8 +236,11 @@ def render_video(
         partial.unlink(missing_ok=True)
         if isinstance(exc, (AvatarError, KeyboardInterrupt, SystemExit)):
             raise
-        if isinstance(exc, av.error.FFmpegError):
-            raise AvatarError(f"The local preview could not be written ({exc}). Try again.") from exc
+        if isinstance(exc, (av.error.FFmpegError, OSError)):
+            raise AvatarError(
+                f"The local preview could not be written to {out_path.parent} ({exc}). "
+                "Check there is free disk space, then try again."
+            ) from exc
         raise
     finally:
         source.close()
