@@ -166,7 +166,7 @@ def short_label(provider: str) -> str:
 def provider_label(info: ProviderInfo) -> str:
     """The dropdown label: what the provider is and whether it can run right now."""
     if info.offline:
-        return "Local preview — offline, free (not Kling output)"
+        return "Local preview (offline, not Kling output)"
     return f"{info.label} — {'key ready' if info.has_key else 'needs your API key'}"
 
 
