@@ -7,6 +7,7 @@ decoding, Retry-After) lives here, and the polling loop lives in ``jobs.py``.
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import json
 import time
@@ -199,12 +200,17 @@ def error_text(response: httpx.Response) -> str:
             return f"HTTP {response.status_code} (an HTML page)"
         return text[:300] or f"HTTP {response.status_code}"
     if isinstance(body, dict):
+        kind = body.get("error_type")
+        suffix = f" [{kind}]" if isinstance(kind, str) and kind else ""
         for key in ("error", "detail", "message", "title"):
             val = body.get(key)
+            if isinstance(val, list) and val and all(isinstance(v, dict) and "msg" in v for v in val):
+                # A validation error list ({"loc", "msg", "type"} items, as fal.ai sends).
+                return ("; ".join(str(v["msg"]) for v in val)[:300]) + suffix
             if isinstance(val, str) and val:
-                return val[:300]
+                return val[:300] + suffix
             if val:
-                return json.dumps(val)[:300]
+                return json.dumps(val)[:300] + suffix
     return json.dumps(body)[:300]
 
 
@@ -225,7 +231,7 @@ def error_for_status(
         return AuthError(
             f"{label} refused the API key (HTTP {code}: {detail}). Check that the key is right and active.", **kw
         )
-    if code == 406:
+    if code in (402, 406):  # 402 Payment Required (Replicate), 406 (Segmind)
         return CreditsError(f"{label} says the account has no credits left ({detail}). Top up, then try again.", **kw)
     if code == 429:
         return RateLimited(f"{label} is rate limiting requests ({detail}).", retry_after=retry_after, **kw)
@@ -246,13 +252,16 @@ def raise_for_status(
     provider: str,
     label: str,
     request_id: str | None = None,
+    detail: str | None = None,
 ) -> None:
-    """Map an HTTP error status to our error tree. 2xx returns quietly."""
+    """Map an HTTP error status to our error tree. 2xx returns quietly.
+
+    ``detail`` replaces the provider's words read from the body (:func:`error_text`)."""
     if response.status_code < 400:
         return
     error = error_for_status(
         response.status_code,
-        error_text(response),
+        error_text(response) if detail is None else detail,
         provider=provider,
         label=label,
         request_id=request_id,
@@ -328,13 +337,23 @@ class HttpProvider:
             raise TransientError(
                 f"Could not reach {self.label} ({type(exc).__name__}).", provider=self.name, request_id=request_id
             ) from exc
-        if response.status_code not in passthrough:
-            raise_for_status(response, provider=self.name, label=self.label, request_id=request_id)
+        if response.status_code >= 400 and response.status_code not in passthrough:
+            raise_for_status(
+                response, provider=self.name, label=self.label, request_id=request_id,
+                detail=self.error_detail(response),
+            )
         return response
 
-    async def submit_request(self, method: str, url: str, **kw) -> httpx.Response:
+    def error_detail(self, response: httpx.Response) -> str:
+        """The provider's words for an error answer; override to add what it sends in headers."""
+        return error_text(response)
+
+    async def submit_request(self, method: str, url: str, *, passthrough: tuple[int, ...] = (), **kw) -> httpx.Response:
         """The one paid POST. Only a failure to connect (nothing sent) is safe to report as
-        'not submitted'; anything after the bytes left is SubmitUncertain."""
+        'not submitted'; anything after the bytes left is SubmitUncertain.
+
+        4xx statuses in ``passthrough`` are returned for the caller to interpret (Kling's
+        401/429 carry codes that decide between auth, credits and rate limits)."""
         try:
             response = await self._client.request(method, url, **kw)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -351,13 +370,14 @@ class HttpProvider:
         if response.status_code >= 500 or response.status_code == 408:
             # The server may have created the job before failing; do not resubmit blindly.
             raise SubmitUncertain(
-                f"{self.label} answered HTTP {response.status_code} to the submit ({error_text(response)}). "
+                f"{self.label} answered HTTP {response.status_code} to the submit ({self.error_detail(response)}). "
                 f"A job may or may not have been created: check your {self.label} dashboard before "
                 "submitting again.",
                 provider=self.name,
                 status_code=response.status_code,
             )
-        raise_for_status(response, provider=self.name, label=self.label)
+        if response.status_code not in passthrough:
+            raise_for_status(response, provider=self.name, label=self.label, detail=self.error_detail(response))
         return response
 
     def json(self, response: httpx.Response, request_id: str | None = None) -> Any:
@@ -365,6 +385,26 @@ class HttpProvider:
 
     def protocol_error(self, what: str, request_id: str | None = None) -> ProtocolError:
         return ProtocolError(f"{self.label} sent {what}.", provider=self.name, request_id=request_id)
+
+
+def read_inline(path: Path, max_bytes: int, *, what: str, provider: HttpProvider, hint: str) -> bytes:
+    """A local file's bytes, for providers that take files inside the request body.
+
+    Over ``max_bytes`` is an InputError that names the limit and ``hint`` (what to do)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise InputError(
+            f"The {what} file is {size / 1e6:.1f} MB; {provider.label} takes at most "
+            f"{max_bytes / 1e6:.0f} MB inline. {hint}",
+            provider=provider.name,
+        )
+    return path.read_bytes()
+
+
+def data_uri(content_type: str, data: bytes) -> str:
+    """``data:<type>;base64,...``: how fal.ai and Replicate take a file inside JSON."""
+    return f"data:{content_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def require(mapping: Any, key: str, provider: HttpProvider, request_id: str | None = None) -> Any:
