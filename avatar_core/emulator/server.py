@@ -42,6 +42,8 @@ Clock = Callable[[], float]
 
 # Phases a job goes through; each protocol maps them onto its own status words.
 QUEUED, PROCESSING, COMPLETED, FAILED, EXPIRED = "queued", "processing", "completed", "failed", "expired"
+# A job cancelled (by :meth:`Emulator.cancel_job`) before it ended.
+CANCELLED = "cancelled"
 
 # How long a GET of a result video waits for its render before answering 504. The real
 # renderer needs a few seconds per second of audio on 2 cores; 10 minutes covers a 300 s track.
@@ -340,6 +342,7 @@ class Job:
     webhook: str | None = None
     input_error: str | None = None
     complete_at: float | None = None
+    cancelled_at: float | None = None
     video_key: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -372,6 +375,8 @@ class Job:
     def phase(self, now: float, retention_s: float) -> str:
         if now - self.submitted_at >= retention_s:
             return EXPIRED
+        if self.cancelled_at is not None and now >= self.cancelled_at:
+            return CANCELLED
         if now < self.starts_at:
             return QUEUED
         if now < self.ends_at:
@@ -616,10 +621,13 @@ class Emulator:
         self._thread: threading.Thread | None = None
         self.videos = VideoCache()
         if protocols is None:
+            from .fal import FalProtocol
+            from .kling import KlingProtocol
+            from .replicate import ReplicateProtocol
             from .segmind import SegmindProtocol
             from .wavespeed import WaveSpeedProtocol
 
-            protocols = (WaveSpeedProtocol, SegmindProtocol)
+            protocols = (WaveSpeedProtocol, SegmindProtocol, FalProtocol, ReplicateProtocol, KlingProtocol)
         self.protocols: dict[str, Protocol] = {}
         self._routes: list[Route] = []
         self._add_core_routes()
@@ -718,6 +726,14 @@ class Emulator:
         """Make a job finish at ``when`` (the emulator's clock)."""
         with self._lock:
             self.jobs[job_id].complete_at = when
+
+    def cancel_job(self, job: Job) -> bool:
+        """Cancel a job that has not ended yet (from now on its phase is CANCELLED)."""
+        with self._lock:
+            if job.phase(self.clock(), self.retention_s) not in (QUEUED, PROCESSING):
+                return False
+            job.cancelled_at = self.clock()
+            return True
 
     def now(self) -> float:
         return self.clock()
@@ -821,6 +837,20 @@ class Emulator:
             if phase not in (QUEUED, PROCESSING) or time.monotonic() >= deadline:
                 return phase
             time.sleep(0.01)
+
+    def video_info(self, job: Job) -> tuple[int | None, float | None]:
+        """Size in bytes and duration in seconds of the job's rendered video (waits for the
+        render); (None, None) when the job serves no real video or the render failed."""
+        if job.video_key is None:
+            return None, None
+        try:
+            path = self.videos.wait(job.video_key, RENDER_WAIT_S)
+            import av
+
+            with av.open(str(path)) as container:
+                return path.stat().st_size, round(container.duration / 1_000_000, 3)
+        except Exception:  # noqa: BLE001 - the video URL itself reports a failed render
+            return None, None
 
     def video_response(self, job: Job, head: bool = False) -> Response:
         """The result video as the job's plan says to serve it."""
