@@ -58,7 +58,7 @@ from .events import (
     Submitted,
     Uploading,
 )
-from .polling import PollSchedule, backoff
+from .polling import BACKOFF_BASE_S, PollSchedule, backoff
 from .providers import LABELS, make_provider
 from .providers.base import (
     Completed,
@@ -355,7 +355,7 @@ async def _submit_once(ctx: _Context, request: SubmitRequest) -> JobHandle:
             # Provably not created: the connection never opened, or the provider refused it.
             if attempt == MAX_SUBMIT_TRIES or ctx.remaining() <= 0:
                 raise
-            await ctx.sleep(min(backoff(attempt, getattr(exc, "retry_after", None)), max(0.0, ctx.remaining())))
+            await ctx.sleep(min(_backoff(ctx, attempt, exc), max(0.0, ctx.remaining())))
     raise AssertionError("unreachable")
 
 
@@ -388,7 +388,7 @@ async def _follow(ctx: _Context) -> AsyncIterator[JobEvent]:
                     provider=name, request_id=handle.request_id,
                 ) from exc
             log.warning("status read %d failed for %s: %s", failures, handle.request_id, exc.message)
-            await _wait(ctx, backoff(failures, getattr(exc, "retry_after", None)), None)
+            await _wait(ctx, _backoff(ctx, failures, exc), None)
             continue
 
         if isinstance(status, Failed):
@@ -471,7 +471,12 @@ async def _with_retries(ctx: _Context, call: Callable[[], Awaitable[Any]], what:
             if attempt >= MAX_DOWNLOAD_TRIES or ctx.remaining() <= 0:
                 raise
             log.warning("%s failed (attempt %d): %s", what, attempt, exc.message)
-            await _wait(ctx, backoff(attempt, getattr(exc, "retry_after", None)), None)
+            await _wait(ctx, _backoff(ctx, attempt, exc), None)
+
+
+def _backoff(ctx: _Context, attempt: int, exc: AvatarError) -> float:
+    base = min(BACKOFF_BASE_S, ctx.schedule.fast_interval_s)
+    return backoff(attempt, getattr(exc, "retry_after", None), base=base)
 
 
 # ------------------------------------------------------------------------- download
@@ -509,7 +514,7 @@ async def _download(ctx: _Context, url: str, dest: Path) -> AsyncIterator[JobEve
                     f"there for a limited time: resume with request id {handle.request_id} to try again.",
                     provider=ctx.provider.name, request_id=handle.request_id,
                 ) from exc
-            await _wait(ctx, backoff(attempt, exc.retry_after), None)
+            await _wait(ctx, _backoff(ctx, attempt, exc), None)
 
 
 async def _download_once(ctx: _Context, url: str, dest: Path) -> AsyncIterator[JobEvent]:

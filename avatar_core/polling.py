@@ -95,10 +95,16 @@ class PollSchedule:
         return cls(typical_s=typical)
 
 
-def backoff(attempt: int, retry_after: float | None = None, *, rng: random.Random | None = None) -> float:
-    """Delay before retry number ``attempt`` (1-based) of a read; Retry-After wins when longer."""
+def backoff(
+    attempt: int, retry_after: float | None = None, *, base: float = BACKOFF_BASE_S, rng: random.Random | None = None
+) -> float:
+    """Delay before retry number ``attempt`` (1-based) of a read; Retry-After wins when longer.
+
+    ``base`` is the first delay; the job loop passes its polling cadence, so an emulator job
+    that polls every 0.1 s also retries on that scale.
+    """
     rng = rng or random
-    delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
+    delay = min(BACKOFF_CAP_S, base * 2 ** (attempt - 1))
     delay = delay * (0.75 + rng.random() * 0.5)  # jitter so many clients do not retry in step
     if retry_after is not None:
         delay = max(delay, retry_after)
