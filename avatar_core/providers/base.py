@@ -172,22 +172,29 @@ class Provider(Protocol):
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 
 
+# A Retry-After beyond this is treated as this: we would rather ask again than go silent
+# for hours because a proxy sent a silly value.
+MAX_RETRY_AFTER_S = 600.0
+
+
 def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
-    """Retry-After as seconds: either delta-seconds or an HTTP date."""
+    """Retry-After as seconds (delta-seconds or an HTTP date), capped at MAX_RETRY_AFTER_S."""
     if not value:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
+        seconds = None
+    if seconds is not None:
+        return min(MAX_RETRY_AFTER_S, seconds) if seconds >= 0 else 0.0 if seconds == seconds else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
     if when is None:
         return None
-    return max(0.0, when.timestamp() - now())
+    return min(MAX_RETRY_AFTER_S, max(0.0, when.timestamp() - now()))
 
 
 def error_text(response: httpx.Response) -> str:

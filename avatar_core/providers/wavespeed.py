@@ -131,8 +131,8 @@ class WaveSpeedProvider(HttpProvider):
         if status == "processing":
             return Processing()
         if status == "completed":
-            outputs = data.get("outputs") or []
-            if not outputs or not isinstance(outputs[0], str):
+            outputs = data.get("outputs")
+            if not isinstance(outputs, list) or not outputs or not isinstance(outputs[0], str) or not outputs[0]:
                 raise self.protocol_error("a completed job without an output video", request_id)
             meta = {
                 "model": data.get("model"),
