@@ -7,7 +7,10 @@ returned MP4 and its length) and what went over the wire (the auth header).
 
 from __future__ import annotations
 
+import functools
+import http.server
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +53,20 @@ class Served:
 
 
 @pytest.fixture(scope="module")
+def files_url():
+    """The examples folder over HTTP on 127.0.0.1, standing in for a public file host."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(EXAMPLES))
+    handler.log_message = lambda *a, **k: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
 def served(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("app-outputs")
     with Emulator(
@@ -63,6 +80,8 @@ def served(tmp_path_factory):
             "SEGMIND_API_KEY": SERVER_SEGMIND_KEY,
             "AVATAR_OUTPUT_DIR": str(out_dir),
             "AVATAR_POLL_TYPICAL_S": "1",
+            # Our stand-in "public" file host is on 127.0.0.1 (see files_url).
+            "AVATAR_ALLOW_PRIVATE_URLS": "1",
         }
         settings = load_settings(env=env, dotenv_path=None)
         demo = app.build_demo(settings)
@@ -162,6 +181,23 @@ def test_segmind_with_the_servers_key(served):
     assert len(submits) == 1 and submits[0].header("x-api-key") == SERVER_SEGMIND_KEY
     assert submits[0].header("authorization") is None
     assert not any(SERVER_SEGMIND_KEY in s for s in statuses)
+    _assert_playable_mp4_as_long_as_the_audio(_video_path(video))
+
+
+def test_links_instead_of_files_are_passed_to_the_provider_as_they_are(served, files_url):
+    served.emu.requests.clear()
+    job = served.client.submit(
+        image=None, audio=None, provider="wavespeed", tier="standard", prompt="smiles", api_key=USER_WAVESPEED_KEY,
+        image_url=f"{files_url}/portrait.jpg", audio_url=f"{files_url}/voice.mp3", api_name="/generate",
+    )
+    status, _rid, video = job.result(timeout=JOB_TIMEOUT_S)
+    assert "Done in" in status, status
+    submit = served.emu.requests.to("POST", r"^/api/v3/kwaivgi/")[0]
+    # A JPEG and an MP3 that need no conversion are not uploaded again: the links go as given.
+    assert submit.json["image"] == f"{files_url}/portrait.jpg"
+    assert submit.json["audio"] == f"{files_url}/voice.mp3"
+    assert submit.json.get("prompt") == "smiles"
+    assert not served.emu.requests.to(None, r"/media/upload")
     _assert_playable_mp4_as_long_as_the_audio(_video_path(video))
 
 

@@ -21,7 +21,7 @@ import pytest
 
 import app
 from avatar_core.config import load_settings
-from avatar_core.emulator import Emulator, tone_video_maker
+from avatar_core.emulator import Emulator, JobPlan, tone_video_maker
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -37,6 +37,12 @@ CHROMIUM_ARGS = [
 # Distinctive, so a hit in storage or HTML can only be this key.
 TYPED_KEY = "ws-browser-typed-KEY-93jd7Qx"
 JOB_TIMEOUT_MS = 60_000
+
+
+def expect(locator):
+    from playwright.sync_api import expect as _expect
+
+    return _expect(locator)
 
 
 def _need_chromium() -> None:
@@ -207,5 +213,30 @@ def test_a_typed_key_stays_out_of_browser_storage(server, browser):
         page.reload()
         page.locator("#api-key input").wait_for()
         assert page.locator("#api-key input").input_value() == ""
+    finally:
+        context.close()
+
+
+def test_stop_ends_the_wait_and_says_what_happens_to_the_job(server, browser):
+    url, emu = server
+    emu.plan_jobs(JobPlan(processing_s=120))
+    context, page = _open(browser, url)
+    try:
+        _add_inputs(page)
+        _choose_provider(page, "WaveSpeed", "WaveSpeed")
+        page.locator("#api-key input").fill(TYPED_KEY)
+        page.locator("#generate").click()
+        page.locator("#status").get_by_text("Generating the video").wait_for(timeout=JOB_TIMEOUT_MS)
+        assert page.locator("#generate").is_disabled() and page.locator("#stop").is_enabled()
+        page.locator("#stop").click()
+        expect(page.locator("#status")).to_contain_text("Stopped waiting", timeout=JOB_TIMEOUT_MS)
+        status = page.locator("#status").inner_text()
+        request_id = page.locator("#request-id").locator("input, textarea").first.input_value()
+        assert "cannot cancel" in status and request_id and request_id in status
+        page.wait_for_timeout(1000)
+        polls = len(emu.requests.to("GET", r"/predictions/.*/result$"))
+        page.wait_for_timeout(1500)
+        assert len(emu.requests.to("GET", r"/predictions/.*/result$")) == polls, "still polling after Stop"
+        assert page.locator("#generate").is_enabled() and page.locator("#stop").is_disabled()
     finally:
         context.close()
