@@ -7,6 +7,7 @@ runs; see README for a ``gradio_client`` example.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -212,5 +213,7 @@ def __getattr__(name: str):
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _settings = load_settings()
+    ui.install_log_redaction(_settings)
     launch(build_demo(_settings), _settings)

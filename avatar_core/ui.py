@@ -24,6 +24,7 @@ import os
 import re
 import time
 import traceback
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping, Sequence
@@ -67,6 +68,7 @@ SESSION_HISTORY_MAX = 12
 # The status panel's progress bar never claims "done" from a time estimate alone.
 ESTIMATE_CAP = 0.95
 
+MAX_UPLOAD = "100mb"
 DEFAULT_HOST = "127.0.0.1"
 SPACE_HOST = "0.0.0.0"  # a Hugging Face Space routes traffic to the container's port
 DEFAULT_PORT = 7860
@@ -100,6 +102,9 @@ def launch_options(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         # Server-side rendering needs Node.js; the client-rendered app is what we test.
         "ssr_mode": False,
         "show_error": False,
+        # The largest input the checks accept (a long uncompressed WAV, see
+        # media/inputs.FETCH_MAX_AUDIO_BYTES); bigger uploads are refused before they fill the disk.
+        "max_file_size": MAX_UPLOAD,
     }
 
 
@@ -153,6 +158,44 @@ def configured_secrets(settings: Settings) -> list[str]:
             if value:
                 out.append(value)
     return out
+
+
+# The user key(s) of the request being served, so log records can be scrubbed of them.
+_ACTIVE_SECRETS: ContextVar[tuple[str, ...]] = ContextVar("avatar_active_secrets", default=())
+
+
+class RedactSecrets(logging.Filter):
+    """A handler filter that replaces API keys in log records with ****.
+
+    Covers the server's own keys and the key of the request being served (set by
+    :meth:`Handlers.generate`), in the message and in any traceback, so a provider that
+    echoes a key back in an error cannot put it in the log.
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        super().__init__()
+        self._static = configured_secrets(settings) if settings is not None else []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = [*_ACTIVE_SECRETS.get(), *self._static]
+        if not secrets:
+            return True
+        message = record.getMessage()
+        cleaned = redact(message, secrets)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, secrets)
+        return True
+
+
+def install_log_redaction(settings: Settings, logger: logging.Logger | None = None) -> None:
+    """Add :class:`RedactSecrets` to every handler of ``logger`` (default: the root logger)."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, RedactSecrets) for f in handler.filters):
+            handler.addFilter(RedactSecrets(settings))
 
 
 # ----------------------------------------------------------------------------- choices
@@ -589,6 +632,7 @@ class Handlers:
         key = (api_key or "").strip() or None
         secrets = [key, *configured_secrets(self.settings)]
         board = StatusBoard(provider=provider or "local", tier=tier or "standard")
+        token = _ACTIVE_SECRETS.set((key,) if key else ())
         try:
             async for frame in self._generate(board, image, audio, provider, tier, prompt, key, version,
                                               image_url, audio_url, trim_silence, request):
@@ -598,6 +642,11 @@ class Handlers:
             raise
         except Exception as exc:  # noqa: BLE001 - the user sees words, the log the traceback
             yield board.failed(friendly_unexpected(exc, secrets), kind="InternalError"), board.request_id or "", None, None
+        finally:
+            try:
+                _ACTIVE_SECRETS.reset(token)
+            except ValueError:  # closed from another context (a cancelled task): nothing to undo there
+                pass
 
     async def _generate(self, board, image, audio, provider, tier, prompt, key, version, image_url, audio_url,
                         trim_silence, request):

@@ -276,3 +276,32 @@ async def test_generate_turns_a_bug_into_a_friendly_message_without_the_key(tmp_
     assert "Something went wrong inside this app" in status and "RuntimeError" in status
     assert "sk-user-SECRET-1" not in status
     assert "sk-user-SECRET-1" not in caplog.text and "exploded" in caplog.text
+
+
+async def test_log_lines_during_a_request_lose_the_users_key(tmp_path, monkeypatch):
+    import io
+    import logging
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("test_app_ui.redaction")
+    logger.addHandler(handler)
+    logger.propagate = False
+    ui.install_log_redaction(Settings(segmind_api_key=Secret("sg-server-KEY-55")), logger)
+    h = ui.Handlers(Settings(output_dir=tmp_path))
+
+    async def echoing_provider(*args, **kwargs):
+        logger.warning("provider said: invalid key ws-user-KEY-77 (server key sg-server-KEY-55)")
+        try:
+            raise ValueError("bad ws-user-KEY-77")
+        except ValueError:
+            logger.exception("and a traceback")
+        yield ("status", "", None, None)
+
+    monkeypatch.setattr(h, "_generate", echoing_provider)
+    frames = [f async for f in h.generate("a.jpg", "b.mp3", "wavespeed", api_key="ws-user-KEY-77")]
+    logger.warning("after the request ws-user-KEY-77 is no longer known")
+    text = stream.getvalue()
+    assert frames and "provider said: invalid key **** (server key ****)" in text
+    assert "bad ****" in text and "ValueError" in text
+    assert text.count("ws-user-KEY-77") == 1  # only the line logged outside the request

@@ -182,6 +182,18 @@ def test_make_a_local_preview_in_the_browser(server, browser):
         context.close()
 
 
+def test_the_bundled_example_fills_and_checks_both_inputs(server, browser):
+    url, _emu = server
+    context, page = _open(browser, url)
+    try:
+        page.get_by_text("voice.mp3").click()  # a row of the examples table
+        page.locator("#image-notes").get_by_text("Face found").wait_for()
+        page.locator("#audio-notes").get_by_text(re.compile("of audio")).wait_for()
+        assert page.locator("#image-preview img").count() == 1
+    finally:
+        context.close()
+
+
 def test_a_typed_key_stays_out_of_browser_storage(server, browser):
     url, emu = server
     context, page = _open(browser, url)
