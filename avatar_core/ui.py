@@ -630,9 +630,11 @@ class Handlers:
         request only. The last frame carries the MP4 (on success) or says what went wrong.
         """
         key = (api_key or "").strip() or None
-        secrets = [key, *configured_secrets(self.settings)]
+        # Kling keys come as ACCESS:SECRET; either half alone must not show either.
+        user_secrets = (key, *(p.strip() for p in key.split(":"))) if key else ()
+        secrets = [*user_secrets, *configured_secrets(self.settings)]
         board = StatusBoard(provider=provider or "local", tier=tier or "standard")
-        token = _ACTIVE_SECRETS.set((key,) if key else ())
+        token = _ACTIVE_SECRETS.set(tuple(s for s in user_secrets if s))
         try:
             async for frame in self._generate(board, image, audio, provider, tier, prompt, key, version,
                                               image_url, audio_url, trim_silence, request):
