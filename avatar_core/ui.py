@@ -474,7 +474,8 @@ def image_check_markdown(check) -> str:
 
 
 def audio_check_markdown(check) -> str:
-    head = f"**{format_duration(check.duration_s)}** of audio ({check.duration_s:.1f} s, sent as {check.format.upper()})"
+    length = f"{check.duration_s:.1f} s" if check.duration_s < 60 else format_duration(check.duration_s)
+    head = f"**{length}** of audio, sent as {check.format.upper()}"
     notes = [f"- {md_escape(w)}" for w in check.warnings]
     if check.trimmed_s:
         saved = f", saving {format_usd(check.money_saved_usd)}" if check.money_saved_usd else ""

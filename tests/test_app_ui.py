@@ -247,7 +247,7 @@ def test_audio_check_reports_duration_and_feeds_the_cost(tmp_path):
     wave, words, seconds = h.check_audio(str(EXAMPLES / "voice.mp3"), "", "wavespeed", "standard", "", False)
     assert wave and Path(wave).is_file()
     assert seconds == pytest.approx(6.5, abs=0.1)
-    assert "6 s" in words or "7 s" in words
+    assert "**6.5 s** of audio, sent as MP3" in words
 
 
 async def test_generate_without_inputs_asks_for_them(tmp_path):
