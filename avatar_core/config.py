@@ -20,6 +20,14 @@ DEFAULT_DEADLINE_S = 3600.0
 # Standard output is about 720p, pro about 1080p; five minutes of 1080p H.264 stays well
 # under this. Anything larger is not a video we asked for.
 DEFAULT_MAX_VIDEO_BYTES = 500 * 1024 * 1024
+# Per-visitor limits on a shared deployment (see guard.py). Two at once lets someone
+# compare providers side by side; twenty a day is a long working session, while a
+# script hammering the server's keys stops there.
+DEFAULT_MAX_CONCURRENT_PER_VISITOR = 2
+DEFAULT_MAX_DAILY_JOBS_PER_VISITOR = 20
+# What the server's own keys may spend per UTC day, all visitors together: about forty
+# standard WaveSpeed videos. An owner who wants more says so explicitly.
+DEFAULT_DAILY_SPEND_CAP_USD = 20.0
 
 
 class Secret:
@@ -106,6 +114,18 @@ class Settings:
     # How long a job usually takes, in seconds, for the polling plan. Empty means the
     # published averages (then what our own store has seen). Emulator runs set it low.
     poll_typical_s: float | None = None
+    # Whether visitors who are not signed in may run jobs on the server's keys. None =
+    # automatic: only when the app is bound to a loopback address (guard.server_keys_allowed).
+    allow_anonymous_server_keys: bool | None = None
+    # Gradio login, "user:password" pairs one per line (see guard.auth_credentials).
+    # A Secret so that printing the settings never shows a password. Empty = no login.
+    auth: Secret = field(default_factory=lambda: Secret(""))
+    # None = no limit (the env value "unlimited").
+    max_concurrent_per_visitor: int | None = DEFAULT_MAX_CONCURRENT_PER_VISITOR
+    max_daily_jobs_per_visitor: int | None = DEFAULT_MAX_DAILY_JOBS_PER_VISITOR
+    # Estimated USD the server's keys may spend per UTC day; 0 = they never pay for a
+    # job, None = no cap. Jobs paid with a visitor's own key do not count.
+    daily_spend_cap_usd: float | None = DEFAULT_DAILY_SPEND_CAP_USD
 
     def has_key(self, provider: str) -> bool:
         """True when every key the provider needs is configured."""
@@ -167,4 +187,102 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | os.Pa
     if merged.get("AVATAR_POLL_TYPICAL_S"):
         kwargs["poll_typical_s"] = float(merged["AVATAR_POLL_TYPICAL_S"])
     kwargs["allow_private_urls"] = _truthy(merged.get("AVATAR_ALLOW_PRIVATE_URLS"))
+    kwargs["allow_anonymous_server_keys"] = _tristate(merged, "AVATAR_ALLOW_ANONYMOUS_SERVER_KEYS")
+    auth_text = merged.get("AVATAR_AUTH") or ""
+    # Stored one pair per line with a final newline, so parse_auth reads it back by lines
+    # even when it is a single pair whose password holds a comma.
+    kwargs["auth"] = Secret("".join(f"{u}:{p}\n" for u, p in parse_auth(auth_text)))
+    kwargs["max_concurrent_per_visitor"] = _limit(
+        merged, "AVATAR_MAX_CONCURRENT_PER_VISITOR", DEFAULT_MAX_CONCURRENT_PER_VISITOR
+    )
+    kwargs["max_daily_jobs_per_visitor"] = _limit(
+        merged, "AVATAR_MAX_DAILY_JOBS_PER_VISITOR", DEFAULT_MAX_DAILY_JOBS_PER_VISITOR
+    )
+    kwargs["daily_spend_cap_usd"] = _spend_cap(merged, "AVATAR_DAILY_SPEND_CAP_USD")
     return Settings(**kwargs)
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_UNLIMITED = {"unlimited", "none"}
+
+
+def _config_error(message: str):
+    from .errors import ConfigError
+
+    return ConfigError(message)
+
+
+def _tristate(merged: Mapping[str, str], name: str) -> bool | None:
+    """true/false, or None for unset, empty or "auto"."""
+    text = (merged.get(name) or "").strip().lower()
+    if text in {"", "auto"}:
+        return None
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise _config_error(f"{name} must be true, false or auto (or unset for auto), not {text!r}.")
+
+
+def _limit(merged: Mapping[str, str], name: str, default: int) -> int | None:
+    """A whole number of at least 1, or None for "unlimited"; unset or empty = default."""
+    text = (merged.get(name) or "").strip().lower()
+    if not text:
+        return default
+    if text in _UNLIMITED:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise _config_error(f"{name} must be a whole number of at least 1, or 'unlimited', not {text!r}.")
+    return value
+
+
+def _spend_cap(merged: Mapping[str, str], name: str) -> float | None:
+    """US dollars >= 0 (0 = the server's keys never pay), None for "unlimited"."""
+    text = (merged.get(name) or "").strip().lower().lstrip("$")
+    if not text:
+        return DEFAULT_DAILY_SPEND_CAP_USD
+    if text in _UNLIMITED:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and value != float("inf")):
+        raise _config_error(
+            f"{name} must be an amount of US dollars such as 20 or 5.50 (0 = the server's keys never pay, "
+            f"'unlimited' = no cap), not {text!r}."
+        )
+    return value
+
+
+def parse_auth(text: str) -> list[tuple[str, str]]:
+    """``AVATAR_AUTH`` as (user, password) pairs, in order.
+
+    Pairs are ``user:password``, one per line; when the value has no line break they
+    may be separated by commas instead (so a password may contain a comma only in the
+    one-per-line form). The user name ends at the first colon, so passwords may contain
+    colons. Errors name the variable and the entry's position, never the password.
+    """
+    lines = text.splitlines() if ("\n" in text or "\r" in text) else text.split(",")
+    pairs: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for number, raw in enumerate(lines, start=1):
+        entry = raw.strip()
+        if not entry:
+            continue
+        user, sep, password = entry.partition(":")
+        user = user.strip()
+        if not sep or not user or not password:
+            raise _config_error(
+                f"AVATAR_AUTH entry {number} must look like user:password (both parts non-empty)."
+            )
+        if user in seen:
+            raise _config_error(f"AVATAR_AUTH lists the user {user!r} twice; keep one password per user.")
+        seen.add(user)
+        pairs.append((user, password))
+    return pairs
