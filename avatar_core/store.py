@@ -30,6 +30,8 @@ import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import date as _date
+from datetime import timedelta as _timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 from urllib.parse import urlsplit, urlunsplit
@@ -69,6 +71,13 @@ BUSY_TIMEOUT_S = 10.0
 # to follow a provider whose queue got faster or slower this week.
 TYPICAL_DURATION_SAMPLE = 20
 
+# Ledger rows are kept this long (a month of usage for the owner to look at), then
+# pruned when new ones are written; limits only ever read today's rows.
+USAGE_KEEP_DAYS = 35
+MICROUSD_PER_USD = 1_000_000
+RESERVED = "reserved"  # admitted, submit not yet sent or not yet answered
+COMMITTED = "submitted"  # the provider has (or may have) the job: money is spent
+
 # --------------------------------------------------------------------------- types
 
 
@@ -97,6 +106,21 @@ ALL_OWNERS = _AllOwners()
 """Pass as ``owner=`` to see every owner's jobs: for the CLI and admins only.
 
 ``owner=None`` means "jobs with no owner" (the CLI's own), never "everyone"."""
+
+
+class Usage(NamedTuple):
+    """What the usage ledger holds for one UTC day (see :meth:`JobStore.reserve_usage`).
+
+    ``jobs`` counts the owner's hosted jobs (reserved or submitted); ``server_spend_microusd``
+    is the estimated spend of the server's keys that day, all owners together.
+    """
+
+    jobs: int
+    server_spend_microusd: int
+
+    @property
+    def server_spend_usd(self) -> float:
+        return self.server_spend_microusd / MICROUSD_PER_USD
 
 
 class StatusChange(NamedTuple):
@@ -187,10 +211,35 @@ def _m2_indexes(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX jobs_duration ON jobs (provider, tier, status, finished_at DESC)")
 
 
+def _m3_usage_ledger(conn: sqlite3.Connection) -> None:
+    # One row per hosted job admitted by guard.Guard: the per-visitor daily count and the
+    # daily spend of the server's keys are sums over it, so they survive a restart. Money
+    # is whole micro-dollars (per-second prices have four decimals; floats would drift).
+    # cost_microusd is NULL when the price is unknown (only allowed on a visitor's own key).
+    conn.execute(
+        """
+        CREATE TABLE usage_ledger (
+            id              INTEGER PRIMARY KEY AUTOINCREMENT,
+            day             TEXT NOT NULL,
+            owner           TEXT NOT NULL,
+            provider        TEXT NOT NULL,
+            paid_by_server  INTEGER NOT NULL,
+            cost_microusd   INTEGER,
+            state           TEXT NOT NULL,
+            request_id      TEXT,
+            created_at      REAL NOT NULL,
+            updated_at      REAL NOT NULL
+        )
+        """
+    )
+    conn.execute("CREATE INDEX usage_ledger_day_owner ON usage_ledger (day, owner)")
+    conn.execute("CREATE INDEX usage_ledger_day_server ON usage_ledger (day, paid_by_server)")
+
+
 # Applied in order; schema version N means the first N have run. Append only. A
 # migration runs inside the caller's transaction: use conn.execute, never
 # executescript (it commits on its own) and never commit.
-_MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_m1_jobs_table, _m2_indexes)
+_MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_m1_jobs_table, _m2_indexes, _m3_usage_ledger)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 _COLUMNS = (
@@ -436,6 +485,65 @@ class JobStore:
                     total -= sizes.pop(rec.output_path, 0)
         return cleaned
 
+    # ------------------------------------------------------------------ usage ledger
+    # Used by guard.Guard for per-visitor daily limits and the server-key spend cap.
+
+    def usage(self, *, day: str, owner: str) -> Usage:
+        """The owner's job count and everyone's server-key spend on ``day`` (YYYY-MM-DD, UTC)."""
+        _check_day(day)
+        _check_owner(owner)
+        with self._read() as conn:
+            return _usage(conn, day, owner)
+
+    def reserve_usage(
+        self,
+        *,
+        day: str,
+        owner: str,
+        provider: str,
+        paid_by_server: bool,
+        cost_microusd: int | None,
+        now: float,
+        check: Callable[[Usage], None],
+    ) -> int:
+        """Atomically check the day's usage and add one reserved job; returns its id.
+
+        ``check`` sees the usage before this job and raises to refuse it: nothing is
+        written then, and the exception propagates. The check and the insert run in one
+        write transaction, so concurrent reservations (threads or processes) are
+        decided one after the other and the last dollar goes to exactly one of them.
+        """
+        _check_day(day)
+        _require_text(owner=owner, provider=provider)
+        _check_owner(owner)
+        if cost_microusd is not None and (isinstance(cost_microusd, bool) or not isinstance(cost_microusd, int)):
+            raise TypeError("cost_microusd must be an int or None")
+        cutoff = (_date.fromisoformat(day) - _timedelta(days=USAGE_KEEP_DAYS)).isoformat()
+        with self._write() as conn:
+            check(_usage(conn, day, owner))
+            cur = conn.execute(
+                "INSERT INTO usage_ledger (day, owner, provider, paid_by_server, cost_microusd, state, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (day, owner, provider, int(bool(paid_by_server)), cost_microusd, RESERVED, float(now), float(now)),
+            )
+            conn.execute("DELETE FROM usage_ledger WHERE day < ?", (cutoff,))
+            return int(cur.lastrowid)
+
+    def commit_usage(self, usage_id: int, *, request_id: str | None, now: float) -> None:
+        """Mark a reservation as really submitted: it stays counted whatever happens next."""
+        _require_optional_text(request_id=request_id)
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE usage_ledger SET state = ?, request_id = COALESCE(?, request_id), updated_at = ? WHERE id = ?",
+                (COMMITTED, request_id, float(now), int(usage_id)),
+            )
+
+    def release_usage(self, usage_id: int) -> bool:
+        """Drop a reservation that was never submitted (it no longer counts). False if committed."""
+        with self._write() as conn:
+            cur = conn.execute("DELETE FROM usage_ledger WHERE id = ? AND state = ?", (int(usage_id), RESERVED))
+            return cur.rowcount > 0
+
     def schema_version(self) -> int:
         """The ``PRAGMA user_version`` of the file (equals :data:`SCHEMA_VERSION` once opened)."""
         with self._read() as conn:
@@ -646,6 +754,22 @@ def _file_size(path: str | None) -> int:
         return 0
 
 
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def _check_day(day: object) -> None:
+    if not isinstance(day, str) or not _DAY.fullmatch(day):
+        raise ValueError(f"day must be a UTC date as YYYY-MM-DD, not {day!r}")
+
+
+def _usage(conn: sqlite3.Connection, day: str, owner: str) -> Usage:
+    jobs = conn.execute("SELECT COUNT(*) FROM usage_ledger WHERE day = ? AND owner = ?", (day, owner)).fetchone()[0]
+    spend = conn.execute(
+        "SELECT COALESCE(SUM(cost_microusd), 0) FROM usage_ledger WHERE day = ? AND paid_by_server = 1", (day,)
+    ).fetchone()[0]
+    return Usage(int(jobs), int(spend))
+
+
 def _select_one(conn: sqlite3.Connection, provider: str, request_id: str) -> JobRecord | None:
     row = conn.execute(
         f"SELECT {_COLUMNS} FROM jobs WHERE provider = ? AND request_id = ?", (provider, request_id)
@@ -705,5 +829,6 @@ __all__ = [
     "StoreError",
     "TERMINAL_STATUSES",
     "TIMED_OUT",
+    "Usage",
     "open_store",
 ]
