@@ -14,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
+
 from ..config import Settings
 from .base import (
     Completed,
@@ -26,6 +28,7 @@ from .base import (
     Queued,
     SubmitRequest,
     data_uri,
+    error_text,
     model_id,
     read_inline,
     require,
@@ -57,6 +60,19 @@ class ReplicateProvider(HttpProvider):
     ) -> None:
         super().__init__(base_url, {"Authorization": f"Bearer {api_token}"}, **kw)
         self.file_encoding = file_encoding
+
+    def error_detail(self, response: httpx.Response) -> str:
+        """An RFC 7807 problem body as ``title: detail`` (the title alone when both say the same)."""
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            title, detail = body.get("title"), body.get("detail")
+            if isinstance(title, str) and isinstance(detail, str) and title.strip() and detail.strip():
+                title, detail = title.strip(), detail.strip()
+                return (title if title == detail else f"{title}: {detail}")[:300]
+        return error_text(response)
 
     # -- files ----------------------------------------------------------------------
 
