@@ -109,8 +109,9 @@ def check_host(host: str, port: int, *, allow_private: bool, resolver: Resolver)
         raise InputError(f"The server {host} could not be found. Check the link.")
     bad = [ip for ip in ips if not address_allowed(ip, allow_private=allow_private)]
     if bad:
+        where = host if host.strip("[]") == bad[0] else f"{host} ({bad[0]})"
         raise InputError(
-            f"The link points to {host} ({bad[0]}), a local or private network address, which this app does not "
+            f"The link points to {where}, a local or private network address, which this app does not "
             "fetch from. Use a public link, or upload the file instead."
         )
     return ips
