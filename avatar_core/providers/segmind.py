@@ -6,7 +6,6 @@ served as HTTP 422 on both GETs, which is an answer about the job, not a transpo
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from .base import (
     Processing,
     Queued,
     SubmitRequest,
+    data_uri_json_body,
     model_id,
     require,
 )
@@ -47,17 +47,15 @@ class SegmindProvider(HttpProvider):
 
     async def upload(self, path: Path, content_type: str, progress: ProgressFn | None = None) -> str:
         path = Path(path)
-        raw = path.read_bytes()
         if progress:
-            progress(0, len(raw))
-        data_url = f"data:{content_type};base64,{base64.b64encode(raw).decode('ascii')}"
-        response = await self.request("POST", self.upload_url, json={"data_urls": [data_url]})
-        body = self.json(response)
-        urls = require(body, "file_urls", self)
+            progress(0, path.stat().st_size)
+        # {"data_urls": ["data:<mime>;base64,..."]}, base64-encoded piece by piece as it is sent.
+        body = data_uri_json_body(path, content_type, lambda uri: {"data_urls": [uri]}, progress)
+        response = await self.request("POST", self.upload_url, content=body, headers=body.headers)
+        reply = self.json(response)
+        urls = require(reply, "file_urls", self)
         if not isinstance(urls, list) or not urls or not isinstance(urls[0], str):
             raise self.protocol_error("an upload reply without a file URL")
-        if progress:
-            progress(len(raw), len(raw))
         return urls[0]
 
     async def submit(self, request: SubmitRequest) -> JobHandle:

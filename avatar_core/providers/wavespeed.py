@@ -23,6 +23,7 @@ from .base import (
     Queued,
     SubmitRequest,
     error_for_status,
+    file_body,
     model_id,
     require,
 )
@@ -75,13 +76,13 @@ class WaveSpeedProvider(HttpProvider):
         download_url = require(data, "download_url", self)
         method = str(upload.get("method") or "PUT").upper()
         url = require(upload, "url", self)
-        headers = {str(k): str(v) for k, v in (upload.get("headers") or {}).items()}
-        headers.setdefault("Content-Type", content_type)
+        body = file_body(path, content_type, progress)  # streamed: a 50 MB file never sits in memory
+        headers = httpx.Headers(body.headers)
+        headers.update({str(k): str(v) for k, v in (upload.get("headers") or {}).items()})  # theirs win
+        headers["Content-Length"] = str(body.length)  # a presigned PUT refuses chunked bodies
         if progress:
             progress(0, size)
-        await self.request(method, url, content=path.read_bytes(), headers=headers, without_auth=True)
-        if progress:
-            progress(size, size)
+        await self.request(method, url, content=body, headers=headers, without_auth=True)
         return str(download_url)
 
     async def _upload_binary(self, path: Path, content_type: str, progress: ProgressFn | None) -> str:
