@@ -25,7 +25,7 @@ from typing import Any, Callable
 import httpx
 
 from ..config import Settings
-from ..errors import AuthError, AvatarError, CreditsError
+from ..errors import AuthError, AvatarError, CreditsError, ProtocolError, SubmitUncertain, TransientError
 from .base import (
     Completed,
     Failed,
@@ -141,9 +141,12 @@ class KlingProvider(HttpProvider):
                 "console.", **kw,
             )
         detail = f"code {code}: {message}" if code is not None else message
-        status = response.status_code if response.status_code >= 400 else 500
+        if response.status_code < 400:
+            # HTTP 200 carrying an error code: not in Kling's table, so treated as a passing fault
+            # (reads are retried; a submit turns this into SubmitUncertain).
+            return TransientError(f"{self.label} reported a problem ({detail}).", **kw)
         error = error_for_status(
-            status, detail, provider=self.name, label=self.label, request_id=request_id,
+            response.status_code, detail, provider=self.name, label=self.label, request_id=request_id,
             retry_after=parse_retry_after(response.headers.get("retry-after")),
         )
         assert error is not None
@@ -207,7 +210,18 @@ class KlingProvider(HttpProvider):
             response = await self.submit_request(
                 "POST", PATH, json=body, headers=self._auth(fresh=True), passthrough=passthrough
             )
-        task_id = require(self._data(response), "task_id", self)
+        try:
+            task_id = require(self._data(response), "task_id", self)
+        except (TransientError, ProtocolError) as exc:
+            if response.status_code >= 400:
+                raise
+            # HTTP 2xx without a task id (an envelope error code, a garbled body): the task may
+            # exist, so this is no refusal and must not be sent again.
+            raise SubmitUncertain(
+                f"{self.label} answered the submit without a task id ({exc.message}). A job may or may not "
+                f"have been created: check your {self.label} console before submitting again.",
+                provider=self.name, status_code=response.status_code,
+            ) from exc
         return JobHandle(self.name, str(task_id), model)
 
     async def _read(self, handle: JobHandle) -> dict[str, Any]:
