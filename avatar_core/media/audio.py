@@ -48,7 +48,11 @@ AUDIO_LIMITS: Mapping[str, AudioLimits] = {
     "local": AudioLimits(2.0, 300.0, None, "wav", "WAV: lossless and read directly by the local renderer"),
     "wavespeed": AudioLimits(2.0, 300.0, 50 * MB, "mp3", f"{_MP3_WHY} (WaveSpeed takes audio uploads up to 50 MB)"),
     "segmind": AudioLimits(2.0, 300.0, None, "mp3", f"{_MP3_WHY} (Segmind uploads travel as base64 data URLs)"),
-    "fal": AudioLimits(2.0, 300.0, None, "mp3", f"{_MP3_WHY} (fal.ai files travel as data URIs)"),
+    # fal.ai, Replicate, Kling: PROVIDERS.md ("Input limits" and each provider's section), from their
+    # API pages and SDKs as read 2026-11. fal.ai publishes no byte limit; its files ride inside the
+    # JSON as data URIs, which the client caps at 10 MB (FalProvider.upload). Replicate's /v1/files
+    # publishes none. Kling's own API takes sound_file inline (raw base64) up to 5 MB.
+    "fal": AudioLimits(2.0, 300.0, 10 * MB, "mp3", f"{_MP3_WHY} (fal.ai files travel as data URIs, up to 10 MB here)"),
     "replicate": AudioLimits(2.0, 300.0, None, "mp3", f"{_MP3_WHY} (Replicate deletes inputs after 1 hour anyway)"),
     "kling": AudioLimits(2.0, 300.0, 5 * MB, "mp3", f"{_MP3_WHY}: Kling takes audio inline only up to 5 MB"),
 }
