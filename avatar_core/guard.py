@@ -20,8 +20,9 @@ whether a job may start:
 A refused job raises :class:`LimitReached`, an :class:`~avatar_core.errors.InputError`
 whose message says what to do. An admitted job holds a :class:`Ticket`: call
 :meth:`Ticket.submitted` once the provider has (or may have) the job, and
-:meth:`Ticket.close` when the app stops following it. Closing frees the in-progress
-slot; a job that was never submitted also gets its daily count and spend back.
+:meth:`Ticket.close` when the app stops driving it, or let :meth:`Ticket.watch` do both
+from the job's events. Closing frees the in-progress slot; a job that was never
+submitted also gets its daily count and spend back.
 
 Daily counts and spend live in the store's SQLite file (the ``usage_ledger`` table), so
 they survive a restart, and each admission is checked and recorded in one transaction.
@@ -42,10 +43,11 @@ import threading
 import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 from .config import Settings, parse_auth
 from .errors import InputError
+from .events import FailedEvent, JobEvent, Submitted
 from .store import MICROUSD_PER_USD, Usage
 
 log = logging.getLogger(__name__)
@@ -182,6 +184,17 @@ class Ticket:
         Idempotent: later calls do nothing.
         """
         self._guard._close(self)
+
+    def watch(self, events: AsyncIterator[JobEvent]) -> AsyncIterator[JobEvent]:
+        """``events`` (from ``jobs.run_job``) passed through, keeping this ticket up to date.
+
+        A :class:`~avatar_core.events.Submitted` event marks the job submitted; so does a
+        failure before it that may have reached the provider (``SubmitUncertain``, or a
+        bug of ours, ``InternalError``). The ticket closes when the events end, raise, or
+        are closed with ``aclose()`` (even before the first one), so the in-progress slot
+        lasts exactly as long as the job is driven, watched or not.
+        """
+        return _WatchedEvents(self, events)
 
     def __enter__(self) -> "Ticket":
         return self
@@ -348,6 +361,44 @@ class Guard:
                     self._ledger.release_usage(ticket._usage_id)
                 except Exception:  # noqa: BLE001 - close() runs in finally blocks; never mask the real error
                     log.exception("usage ledger: could not refund a job that was never submitted; it stays counted")
+
+
+# Failures before Submitted after which the provider may still have the job (and bill it).
+_MAYBE_SUBMITTED = frozenset({"SubmitUncertain", "InternalError"})
+
+
+class _WatchedEvents:
+    """See :meth:`Ticket.watch`. A class, not an async generator, so that ``aclose()``
+    closes the ticket even when iteration never started."""
+
+    def __init__(self, ticket: Ticket, events: AsyncIterator[JobEvent]) -> None:
+        self._ticket = ticket
+        self._events = events
+
+    def __aiter__(self) -> "_WatchedEvents":
+        return self
+
+    async def __anext__(self) -> JobEvent:
+        try:
+            event = await self._events.__anext__()
+        except BaseException:  # the end, a cancel (Stop) or a bug: the job is no longer driven
+            self._ticket.close()
+            raise
+        ticket = self._ticket
+        if not ticket.closed:
+            if isinstance(event, Submitted):
+                ticket.submitted(event.request_id)
+            elif isinstance(event, FailedEvent) and not ticket.is_submitted and event.kind in _MAYBE_SUBMITTED:
+                ticket.submitted(event.request_id)
+        return event
+
+    async def aclose(self) -> None:
+        try:
+            aclose = getattr(self._events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            self._ticket.close()
 
 
 class _MemoryLedger:

@@ -4,15 +4,20 @@ the messages a visitor reads, persistence across restarts and races for the last
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
-from avatar_core.config import Settings, load_settings, parse_auth
+from avatar_core import jobs
+from avatar_core.config import Secret, Settings, load_settings, parse_auth
+from avatar_core.emulator import Emulator, Fault, tone_video_maker
 from avatar_core.errors import ConfigError, InputError
+from avatar_core.events import Done, FailedEvent, ProcessingEvent, Submitted, Uploading
 from avatar_core.guard import (
     Guard,
     LimitReached,
@@ -22,6 +27,7 @@ from avatar_core.guard import (
     utc_day,
 )
 from avatar_core.store import SCHEMA_VERSION, JobStore
+from tests.media_factory import make_image, make_tone
 
 # 2026-11-10 20:48:00 UTC: 3 h 12 min before the daily reset.
 EVENING = datetime(2026, 11, 10, 20, 48, tzinfo=timezone.utc).timestamp()
@@ -517,3 +523,142 @@ def test_one_visitor_racing_many_tabs_gets_two_slots(db: Path, clock) -> None:
     assert len(tickets) == 2 and len(refusals) == 18
     assert set(refusals) == {"You already have 2 videos in progress; wait for one to finish."}
     assert guard.usage_today("alice").jobs == 2
+
+
+# ----------------------------------------------------------------------------- following a job's events
+
+
+async def _events(*items, then=None):
+    for item in items:
+        yield item
+    if then is not None:
+        await then
+
+
+async def test_watch_marks_submitted_and_closes_at_the_end(db: Path, clock) -> None:
+    guard = Guard(settings(), JobStore(db), host=LOOPBACK, clock=clock)
+    ticket = admit(guard)
+    seen = []
+    async for event in ticket.watch(_events(Uploading("image", 1, 1), Submitted("wavespeed", "ws-1"),
+                                            ProcessingEvent("wavespeed", "ws-1"))):  # fmt: skip
+        seen.append((type(event).__name__, ticket.is_submitted, guard.running("alice")))
+    assert seen == [("Uploading", False, 1), ("Submitted", True, 1), ("ProcessingEvent", True, 1)]
+    assert ticket.closed and guard.running("alice") == 0
+    assert guard.usage_today("alice") == (1, 250_000)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT state, request_id FROM usage_ledger").fetchall() == [("submitted", "ws-1")]
+
+
+@pytest.mark.parametrize(
+    "kind, counted",
+    [("AuthError", False), ("CreditsError", False), ("InputError", False), ("NotSubmitted", False),
+     ("RateLimited", False), ("SubmitUncertain", True), ("InternalError", True)],  # fmt: skip
+)
+async def test_watch_refunds_only_failures_that_cannot_have_reached_the_provider(db, clock, kind, counted) -> None:
+    guard = Guard(settings(), JobStore(db), host=LOOPBACK, clock=clock)
+    ticket = admit(guard)
+    events = [e async for e in ticket.watch(_events(Uploading("audio", 1, 1), FailedEvent("no", "wavespeed",
+                                                                                          None, kind)))]  # fmt: skip
+    assert isinstance(events[-1], FailedEvent) and ticket.closed
+    assert guard.usage_today("alice") == ((1, 250_000) if counted else (0, 0))
+
+
+async def test_a_failure_after_submit_stays_counted(db: Path, clock) -> None:
+    guard = Guard(settings(), JobStore(db), host=LOOPBACK, clock=clock)
+    ticket = admit(guard)
+    async for _ in ticket.watch(_events(Submitted("wavespeed", "ws-2"), FailedEvent("blocked", "wavespeed", "ws-2",
+                                                                                    "JobFailed"))):  # fmt: skip
+        pass
+    assert ticket.closed and guard.usage_today("alice") == (1, 250_000)
+
+
+async def test_watch_closed_before_it_started_frees_everything(db: Path, clock) -> None:
+    guard = Guard(settings(), JobStore(db), host=LOOPBACK, clock=clock)
+    ticket = admit(guard)
+    watched = ticket.watch(_events(Submitted("wavespeed", "never")))
+    await watched.aclose()
+    assert ticket.closed and guard.running("alice") == 0 and guard.usage_today("alice") == (0, 0)
+
+
+@pytest.mark.parametrize("after_submit", [False, True])
+async def test_stop_pressed_while_the_job_runs(db: Path, clock, after_submit: bool) -> None:
+    guard = Guard(settings(), JobStore(db), host=LOOPBACK, clock=clock)
+    ticket = admit(guard)
+    forever = asyncio.get_running_loop().create_future()
+    first = Submitted("wavespeed", "ws-3") if after_submit else Uploading("image", 10, 100)
+    watched = ticket.watch(_events(first, then=forever))
+    reached = asyncio.Event()
+
+    async def drive() -> None:
+        async for _ in watched:
+            reached.set()
+
+    task = asyncio.create_task(drive())
+    await reached.wait()
+    assert guard.running("alice") == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ticket.closed and guard.running("alice") == 0
+    # Stopped during the upload: nothing was sent, nothing counts. After submit: paid.
+    assert guard.usage_today("alice") == ((1, 250_000) if after_submit else (0, 0))
+
+
+# ----------------------------------------------------------------------------- against the emulator
+
+WS_KEY = "ws-guard-test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def emu():
+    with Emulator(queue_s=0.1, processing_s=0.2, video_maker=tone_video_maker) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def emu_settings(emu, tmp_path: Path) -> Settings:
+    emu.reset()
+    return replace(settings(), wavespeed_api_key=Secret(WS_KEY), wavespeed_base_url=emu.url,
+                   output_dir=tmp_path / "out", poll_typical_s=0.5, deadline_s=60)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("guard-inputs")
+    return make_image(d / "face.png", "PNG", (480, 600)), make_tone(d / "voice.wav", "wav", 2.5)
+
+
+async def test_real_jobs_against_the_emulator(emu, emu_settings, media, tmp_path: Path, clock) -> None:
+    image, audio = media
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    guard = Guard(emu_settings, store, host=LOOPBACK, clock=clock)
+    submit_path = r"^/api/v3/kwaivgi/kling-v1-ai-avatar-standard$"
+
+    # 1. A finished job: counted under the request id the provider gave.
+    ticket = admit(guard, cost=0.25)
+    events = [e async for e in ticket.watch(jobs.run_job("wavespeed", image, audio, settings=emu_settings,
+                                                         store=store, owner="alice"))]  # fmt: skip
+    assert isinstance(events[-1], Done), events[-1]
+    [submit] = emu.requests_to("POST", submit_path)
+    assert submit.headers["authorization"] == f"Bearer {WS_KEY}"
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("SELECT state, request_id FROM usage_ledger").fetchall() == [
+            ("submitted", events[-1].request_id)
+        ]
+
+    # 2. The provider refuses the key on submit: nothing was billed, the count is refunded.
+    emu.faults.add(Fault("status", submit_path, method="POST", status=401))
+    ticket = admit(guard, cost=0.25)
+    events = [e async for e in ticket.watch(jobs.run_job("wavespeed", image, audio, settings=emu_settings))]
+    assert isinstance(events[-1], FailedEvent) and events[-1].kind == "AuthError"
+    assert len(emu.requests_to("POST", submit_path)) == 2
+
+    # 3. The submit was sent but the answer was lost: the job exists, so it counts.
+    emu.faults.add(Fault("drop", submit_path, method="POST"))
+    ticket = admit(guard, cost=0.25)
+    events = [e async for e in ticket.watch(jobs.run_job("wavespeed", image, audio, settings=emu_settings))]
+    assert events[-1].kind == "SubmitUncertain"
+    assert len(emu.requests_to("POST", submit_path)) == 3 and len(emu.jobs) == 2
+
+    assert guard.usage_today("alice") == (2, 500_000)
+    assert guard.running("alice") == 0
