@@ -36,6 +36,7 @@ never reach this module.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import math
@@ -382,14 +383,14 @@ class _WatchedEvents:
         try:
             event = await self._events.__anext__()
         except BaseException:  # the end, a cancel (Stop) or a bug: the job is no longer driven
-            self._ticket.close()
+            await self._close()
             raise
         ticket = self._ticket
         if not ticket.closed:
-            if isinstance(event, Submitted):
-                ticket.submitted(event.request_id)
-            elif isinstance(event, FailedEvent) and not ticket.is_submitted and event.kind in _MAYBE_SUBMITTED:
-                ticket.submitted(event.request_id)
+            maybe = isinstance(event, FailedEvent) and not ticket.is_submitted and event.kind in _MAYBE_SUBMITTED
+            if isinstance(event, Submitted) or maybe:
+                # A committed SQLite write (an fsync): off the event loop.
+                await asyncio.to_thread(ticket.submitted, event.request_id)
         return event
 
     async def aclose(self) -> None:
@@ -398,7 +399,16 @@ class _WatchedEvents:
             if aclose is not None:
                 await aclose()
         finally:
-            self._ticket.close()
+            await self._close()
+
+    async def _close(self) -> None:
+        if self._ticket.closed:
+            return
+        try:
+            await asyncio.to_thread(self._ticket.close)  # a refund is a committed write: off the loop
+        finally:
+            if not self._ticket.closed:  # cancelled before the thread ran: close here (idempotent)
+                self._ticket.close()
 
 
 class _MemoryLedger:
