@@ -236,15 +236,18 @@ class Guard:
     ) -> Ticket:
         """Reserve a place for one job, or raise :class:`LimitReached` saying why and what to do.
 
-        ``uses_server_key``: the job would run on a key from the server's settings (the
-        visitor gave none). Ignored for the local provider, which needs no key.
+        ``uses_server_key``: the visitor gave no key of their own, so the job would run on
+        the server's. Ignored for the local provider, and when the server has no key for
+        ``provider`` either (the job then fails with "no API key", spending nothing).
         ``estimated_cost_usd``: from the price table; None when the price is unknown.
         ``logged_in``: the visitor signed in through the app's login (``AVATAR_AUTH``).
         """
         if not isinstance(owner, str) or not owner.strip():
             raise ValueError("owner must be a non-empty string (a user name or a per-browser id)")
         hosted = provider != LOCAL
-        paid_by_server = hosted and bool(uses_server_key)
+        # Without a server key for this provider nothing of the owner's can be spent; the
+        # job will stop at "no API key" before any upload, and its reservation is refunded.
+        paid_by_server = hosted and bool(uses_server_key) and self.settings.has_key(provider)
         label = _provider_label(provider)
         if paid_by_server:
             self._check_server_key_use(label, estimated_cost_usd, logged_in)

@@ -46,8 +46,14 @@ class FakeClock:
         self.t += seconds
 
 
+# The server holds a key for every hosted provider, as on the owner's Space.
+SERVER_KEYS = {"WAVESPEED_API_KEY": "srv-ws-000000", "SEGMIND_API_KEY": "srv-sm-000000", "FAL_KEY": "srv-fal-00000",
+               "REPLICATE_API_TOKEN": "srv-rep-00000", "KLING_ACCESS_KEY": "srv-ka-000000",
+               "KLING_SECRET_KEY": "srv-ks-000000"}  # fmt: skip
+
+
 def settings(**env: str) -> Settings:
-    return load_settings(env, dotenv_path=None)
+    return load_settings({**SERVER_KEYS, **env}, dotenv_path=None)
 
 
 @pytest.fixture
@@ -204,6 +210,17 @@ def test_anonymous_visitor_on_a_public_server_must_bring_a_key(ledger, clock) ->
     admit(guard, server=False).close()
     admit(guard, provider="local", server=True, cost=0.0).close()
     admit(guard, logged_in=True).close()
+
+
+def test_a_server_without_that_key_spends_nothing_so_refuses_nothing(ledger, clock) -> None:
+    # No FAL_KEY here: the job will stop at "no API key" (jobs.py) before any upload.
+    s = load_settings({"WAVESPEED_API_KEY": "srv-ws-000000", "AVATAR_DAILY_SPEND_CAP_USD": "0"}, dotenv_path=None)
+    guard = Guard(s, ledger, host=PUBLIC, clock=clock)
+    with admit(guard, provider="fal", cost=None):
+        assert guard.usage_today("alice") == (1, 0)  # a hosted job of the day, no server spend
+    assert guard.usage_today("alice") == (0, 0)  # never submitted: refunded
+    with pytest.raises(LimitReached, match="WaveSpeed"):
+        admit(guard, provider="wavespeed")
 
 
 def test_when_login_is_configured_the_message_says_sign_in(ledger, clock) -> None:
