@@ -210,9 +210,10 @@ class Guard:
     ``store`` is the :class:`~avatar_core.store.JobStore` whose file keeps the usage
     ledger; with None the ledger lives in memory and is lost on restart. ``host`` is the
     address the app is bound to (``launch_options()["server_name"]``). ``clock`` returns
-    epoch seconds; tests pass a fake one. Safe to share between threads; its methods take
-    milliseconds (one SQLite transaction), so async code may call them directly or
-    through ``asyncio.to_thread``.
+    epoch seconds; tests pass a fake one. Make one per process and share it between
+    threads and sessions: "in progress" is counted per Guard. ``admit`` and
+    ``Ticket.submitted`` commit one SQLite write (about 10 ms, more on a slow disk), so
+    async code calls them through ``asyncio.to_thread``; ``Ticket.watch`` already does.
     """
 
     def __init__(
