@@ -72,84 +72,129 @@ def build_demo(settings: Settings | None = None, *, store=None) -> gr.Blocks:
         last_job = gr.State(None)
         history = gr.State([])
 
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=1, min_width=300):
-                with gr.Group():
-                    image = gr.Image(
-                        label="1 · Portrait", type="filepath", sources=["upload", "clipboard"], height=300,
-                        elem_id="image-input",
-                    )
-                    image_url = gr.Textbox(
-                        label="…or a link to the portrait", value="", placeholder="https://…",
-                        info="Used when no file is uploaded.", elem_id="image-url",
-                    )
+        visitor_store = gr.BrowserState(None, storage_key=ui.VISITOR_STORAGE_KEY, secret=ui.visitor_secret(settings))
+        visitor = gr.State(None)
+        unfinished_note = gr.Markdown("", elem_id="unfinished-note")
+
+        with gr.Tabs(elem_id="tabs") as tabs:
+            with gr.Tab("Make a video", id="make", elem_id="tab-make"):
                 with gr.Row(equal_height=False):
-                    image_preview = gr.Image(
-                        label="Face check", interactive=False, height=160, min_width=120, scale=1,
-                        buttons=[], elem_id="image-preview",
-                    )
-                    image_notes = gr.Markdown(elem_id="image-notes", min_width=160)
-                with gr.Group():
-                    audio = gr.Audio(
-                        label="2 · Voice", type="filepath", sources=["upload", "microphone"], elem_id="audio-input",
-                    )
-                    audio_url = gr.Textbox(
-                        label="…or a link to the voice clip", value="", placeholder="https://…",
-                        info="Used when no file is uploaded.", elem_id="audio-url",
-                    )
-                waveform = gr.Image(
-                    label="Voice check", interactive=False, height=90, show_label=False, buttons=[],
-                    elem_id="waveform",
-                )
-                audio_notes = gr.Markdown(elem_id="audio-notes")
-                gr.Examples(
-                    examples=EXAMPLES, inputs=[image, audio], cache_examples=False,
-                    label="Try the bundled example (a drawn face and a synthetic voice)",
-                    api_visibility="private",
-                )
+                    with gr.Column(scale=1, min_width=300):
+                        with gr.Group():
+                            image = gr.Image(
+                                label="1 · Portrait", type="filepath", sources=["upload", "clipboard"], height=300,
+                                elem_id="image-input",
+                            )
+                            image_url = gr.Textbox(
+                                label="…or a link to the portrait", value="", placeholder="https://…",
+                                info="Used when no file is uploaded.", elem_id="image-url",
+                            )
+                        with gr.Row(equal_height=False):
+                            image_preview = gr.Image(
+                                label="Face check", interactive=False, height=160, min_width=120, scale=1,
+                                buttons=[], elem_id="image-preview",
+                            )
+                            image_notes = gr.Markdown(elem_id="image-notes", min_width=160)
+                        with gr.Group():
+                            audio = gr.Audio(
+                                label="2 · Voice", type="filepath", sources=["upload", "microphone"], elem_id="audio-input",
+                            )
+                            audio_url = gr.Textbox(
+                                label="…or a link to the voice clip", value="", placeholder="https://…",
+                                info="Used when no file is uploaded.", elem_id="audio-url",
+                            )
+                        waveform = gr.Image(
+                            label="Voice check", interactive=False, height=90, show_label=False, buttons=[],
+                            elem_id="waveform",
+                        )
+                        audio_notes = gr.Markdown(elem_id="audio-notes")
+                        gr.Examples(
+                            examples=EXAMPLES, inputs=[image, audio], cache_examples=False,
+                            label="Try the bundled example (a drawn face and a synthetic voice)",
+                            api_visibility="private",
+                        )
 
-            with gr.Column(scale=1, min_width=300):
-                provider = gr.Dropdown(
-                    provider_choices, value=default_provider, label="3 · Where to make it", elem_id="provider",
-                )
-                provider_info = gr.Markdown(ui.provider_note(default_provider, settings), elem_id="provider-note")
-                tier = gr.Radio(
-                    [(label, t) for t, label in ui.TIER_LABELS.items()], value="standard", label="Quality",
-                    elem_id="tier",
-                )
-                prompt = gr.Textbox(
-                    label="Prompt (optional)", value="", lines=2, max_length=2500, elem_id="prompt",
-                    placeholder="e.g. smiles warmly and nods while speaking",
-                )
-                api_key = gr.Textbox(
-                    label="Your own API key (optional)", value="", type="password", elem_id="api-key",
-                    info="Used for this one request only: never saved, logged or shown.",
-                )
-                with gr.Accordion("Advanced", open=False):
-                    version = gr.Dropdown(
-                        version_choices, value=default_version, label="Kling model version", elem_id="version",
-                    )
-                    trim = gr.Checkbox(
-                        label="Trim silence at the start and end (shorter video, lower cost)", elem_id="trim",
-                    )
-                cost = gr.Markdown(ui.cost_markdown(default_provider, "standard", None, None), elem_id="cost")
-                with gr.Row(elem_id="generate-row"):
-                    generate_btn = gr.Button("Generate video", variant="primary", scale=3, elem_id="generate")
-                    stop_btn = gr.Button("Stop", variant="secondary", interactive=False, scale=1, elem_id="stop")
-                status = gr.Markdown(ui.IDLE_STATUS, elem_id="status")
-                request_id = gr.Textbox(
-                    label="Request id", interactive=False, buttons=["copy"], elem_id="request-id",
-                    info="Keep it to find the job at the provider.",
-                )
-                video = gr.Video(
-                    label="Your video", interactive=False, buttons=["download"], height=460, elem_id="video",
-                )
-                download = gr.DownloadButton("Download MP4", visible=False, elem_id="download")
+                    with gr.Column(scale=1, min_width=300):
+                        provider = gr.Dropdown(
+                            provider_choices, value=default_provider, label="3 · Where to make it", elem_id="provider",
+                        )
+                        provider_info = gr.Markdown(ui.provider_note(default_provider, settings), elem_id="provider-note")
+                        tier = gr.Radio(
+                            [(label, t) for t, label in ui.TIER_LABELS.items()], value="standard", label="Quality",
+                            elem_id="tier",
+                        )
+                        prompt = gr.Textbox(
+                            label="Prompt (optional)", value="", lines=2, max_length=2500, elem_id="prompt",
+                            placeholder="e.g. smiles warmly and nods while speaking",
+                        )
+                        api_key = gr.Textbox(
+                            label="Your own API key (optional)", value="", type="password", elem_id="api-key",
+                            info="Used for this one request only: never saved, logged or shown.",
+                        )
+                        with gr.Accordion("Advanced", open=False):
+                            version = gr.Dropdown(
+                                version_choices, value=default_version, label="Kling model version", elem_id="version",
+                            )
+                            trim = gr.Checkbox(
+                                label="Trim silence at the start and end (shorter video, lower cost)", elem_id="trim",
+                            )
+                        cost = gr.Markdown(ui.cost_markdown(default_provider, "standard", None, None), elem_id="cost")
+                        with gr.Row(elem_id="generate-row"):
+                            generate_btn = gr.Button("Generate video", variant="primary", scale=3, elem_id="generate")
+                            stop_btn = gr.Button("Stop", variant="secondary", interactive=False, scale=1, elem_id="stop")
+                        status = gr.Markdown(ui.IDLE_STATUS, elem_id="status")
+                        request_id = gr.Textbox(
+                            label="Request id", interactive=False, buttons=["copy"], elem_id="request-id",
+                            info="Keep it to find the job at the provider.",
+                        )
+                        video = gr.Video(
+                            label="Your video", interactive=False, buttons=["download"], height=460, elem_id="video",
+                        )
+                        download = gr.DownloadButton("Download MP4", visible=False, elem_id="download")
 
-        with gr.Accordion("Videos made in this session", open=True):
-            session_videos = gr.Radio(
-                [], value=None, label="Finished videos", info=ui.SESSION_EMPTY, elem_id="session-videos",
-            )
+                with gr.Accordion("Videos made in this session", open=True):
+                    session_videos = gr.Radio(
+                        [], value=None, label="Finished videos", info=ui.SESSION_EMPTY, elem_id="session-videos",
+                    )
+
+
+            with gr.Tab("History", id="history", elem_id="tab-history") as history_tab:
+                history_note = gr.Markdown(ui.HISTORY_EMPTY, elem_id="history-note")
+                history_gallery = gr.Gallery(
+                    label="Your videos", columns=3, height="auto", object_fit="contain", allow_preview=True,
+                    elem_id="history-gallery",
+                )
+                history_table = gr.Dataframe(
+                    headers=ui.HISTORY_HEADERS, value=[], interactive=False, wrap=True, label="All your jobs",
+                    elem_id="history-table",
+                )
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=1, min_width=300):
+                        gr.Markdown("### Resume a job\nJobs that were still running when the page closed or "
+                                    "the app restarted. Resuming never submits again, so it costs nothing more.")
+                        resumable = gr.Dropdown([], value=None, label="Jobs not finished", elem_id="resumable")
+                        resume_btn = gr.Button("Resume", variant="primary", elem_id="resume")
+                        with gr.Accordion("A job started elsewhere (another computer, the CLI, the provider's site)",
+                                          open=False):
+                            resume_provider = gr.Dropdown(
+                                [(ui.short_label(i), i) for i in ui.hosted_provider_ids(settings)],
+                                value=ui.hosted_provider_ids(settings)[0], label="Provider", elem_id="resume-provider",
+                            )
+                            resume_id = gr.Textbox(label="Request id", placeholder="as the provider gave it",
+                                                   elem_id="resume-id")
+                            resume_by_id_btn = gr.Button("Resume this job", elem_id="resume-by-id")
+                        resume_key = gr.Textbox(
+                            label="Your own API key (optional)", value="", type="password", elem_id="resume-key",
+                            info="Needed when this server has no key for the job's provider. Used once, never saved.",
+                        )
+                        refresh_btn = gr.Button("Refresh", variant="secondary", size="sm", elem_id="history-refresh")
+                    with gr.Column(scale=1, min_width=300):
+                        resume_status = gr.Markdown("", elem_id="resume-status")
+                        resume_request_id = gr.Textbox(label="Request id", interactive=False, buttons=["copy"],
+                                                       elem_id="resume-request-id")
+                        resume_video = gr.Video(label="Resumed video", interactive=False, buttons=["download"],
+                                                height=360, elem_id="resume-video")
+                history_json = gr.JSON(visible=False)
 
         # --- input checks, as soon as an input arrives (UI only, not part of the API)
         private = dict(api_visibility="private")
@@ -164,11 +209,23 @@ def build_demo(settings: Settings | None = None, *, store=None) -> gr.Blocks:
         gr.on([provider.change, tier.change, version.change, audio_seconds.change], h.cost,
               [provider, tier, version, audio_seconds], cost, queue=False, show_progress="hidden", **private)
 
+        # --- who is asking: a per-browser id (or the logged-in user), then their history
+        history_outputs = [history_gallery, history_table, resumable, history_note, unfinished_note]
+        demo.load(ui.ensure_visitor, visitor_store, [visitor_store, visitor], queue=False, **private).then(
+            h.show_history, visitor, history_outputs, **private
+        )
+        history_tab.select(h.show_history, visitor, history_outputs, **private)
+        refresh_btn.click(h.show_history, visitor, history_outputs, **private)
+        refresh_btn.click(
+            h.history_api, visitor, history_json, api_name="history",
+            api_description="Your own jobs, newest first: provider, request id, status, cost, video file.",
+        )
+
         # --- the job: the public /generate endpoint
         generate_btn.click(ui.lock_controls, None, [generate_btn, stop_btn, download], queue=False, **private)
         run = generate_btn.click(
             h.generate,
-            inputs=[image, audio, provider, tier, prompt, api_key, version, image_url, audio_url, trim],
+            inputs=[image, audio, provider, tier, prompt, api_key, version, image_url, audio_url, trim, visitor],
             outputs=[status, request_id, video, last_job],
             api_name="generate",
             api_description="Make a talking-avatar video from a portrait and a voice clip. Streams status "
@@ -179,11 +236,26 @@ def build_demo(settings: Settings | None = None, *, store=None) -> gr.Blocks:
         )
         run.then(h.finished, [last_job, history], [download, session_videos, history], **private).then(
             ui.unlock_controls, None, [generate_btn, stop_btn], queue=False, **private
-        )
+        ).then(h.show_history, visitor, history_outputs, **private)
         session_videos.input(ui.play_from_history, [session_videos, history], [video, download], **private)
-        stop_btn.click(h.stopped, [provider, request_id], status, cancels=[run], queue=False, **private).then(
+        stop_btn.click(h.stopped, [provider, request_id, visitor], status, cancels=[run], queue=False,
+                       api_name="cancel",
+                       api_description="Stop one of your running jobs by provider and request id; cancels it "
+                       "at the provider where the provider can.").then(
             ui.unlock_controls, None, [generate_btn, stop_btn], queue=False, **private
         )
+
+        # --- resuming (the History tab and the /resume endpoint)
+        resume_outputs = [resume_status, resume_request_id, resume_video]
+        resume_btn.click(
+            h.resume_selected, [resumable, resume_key, visitor], resume_outputs, concurrency_limit=ui.GENERATE_CONCURRENCY,
+            concurrency_id="generate", show_progress="hidden", **private,
+        ).then(h.show_history, visitor, history_outputs, **private)
+        resume_by_id_btn.click(
+            h.resume, [resume_provider, resume_id, resume_key, visitor], resume_outputs, api_name="resume",
+            api_description="Continue a job submitted earlier (here or elsewhere) to its video; never submits again.",
+            concurrency_limit=ui.GENERATE_CONCURRENCY, concurrency_id="generate", show_progress="hidden",
+        ).then(h.show_history, visitor, history_outputs, **private)
 
     demo.queue(default_concurrency_limit=ui.DEFAULT_CONCURRENCY, max_size=ui.QUEUE_MAX_SIZE)
     return demo
@@ -197,6 +269,8 @@ def launch(demo: gr.Blocks, settings: Settings | None = None, **overrides):
         "theme": THEME,
         "css": CSS,
         "allowed_paths": [str(Path(settings.output_dir).resolve()), str(EXAMPLES_DIR)],
+        # The output folder also holds the job history and the visitor-id key: never served.
+        "blocked_paths": ui.private_files(settings),
         **overrides,
     }
     return demo.launch(**options)

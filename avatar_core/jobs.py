@@ -175,6 +175,10 @@ async def run_job(
             await provider_obj.aclose()
 
 
+# A job started elsewhere and resumed here: its model version was never told to us.
+UNKNOWN_VERSION = "unknown"
+
+
 async def resume(
     provider: str,
     request_id: str,
@@ -212,7 +216,7 @@ async def resume(
     ctx.handle = JobHandle(provider, request_id, getattr(record, "model", None))
     if store is not None and record is None:
         _store_call(store, "record_submitted", provider=provider, request_id=request_id, model=None, tier=tier,
-                    version=None, prompt="", image_name=None, audio_name=None, audio_seconds=None,
+                    version=UNKNOWN_VERSION, prompt="", image_name=None, audio_name=None, audio_seconds=None,
                     estimated_cost_usd=None, owner=owner)
     drive = _drive(ctx, _follow(ctx))
     try:

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import re
+import secrets as _secrets
 import time
 import traceback
 from contextvars import ContextVar
@@ -106,6 +107,14 @@ def launch_options(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         # media/inputs.FETCH_MAX_AUDIO_BYTES); bigger uploads are refused before they fill the disk.
         "max_file_size": MAX_UPLOAD,
     }
+
+
+def private_files(settings: Settings) -> list[str]:
+    """Files under the served output folder that must never be served (history, secrets)."""
+    store = Path(settings.store_path).resolve()
+    files = [store, *(store.with_name(store.name + suffix) for suffix in ("-wal", "-shm", "-journal"))]
+    files.append((Path(settings.output_dir) / VISITOR_SECRET_FILE).resolve())
+    return [str(f) for f in files]
 
 
 # ----------------------------------------------------------------------------- text helpers
@@ -219,6 +228,11 @@ def provider_dropdown(settings: Settings) -> tuple[list[tuple[str, str]], str]:
     ids = [i.id for i in infos]
     default = default_provider(settings)
     return [(provider_label(i), i.id) for i in infos], default if default in ids else ids[0]
+
+
+def hosted_provider_ids(settings: Settings) -> list[str]:
+    """The providers that run jobs remotely (everything but the offline preview)."""
+    return [i.id for i in provider_choices(settings) if i.available and not i.offline]
 
 
 def provider_note(provider: str, settings: Settings) -> str:
@@ -457,6 +471,155 @@ def play_from_history(key: str | None, history: list[dict] | None) -> tuple[Any,
     return gr.update(), gr.update()
 
 
+# ----------------------------------------------------------------------------- visitors
+
+# A per-browser identity for visitors who are not logged in: a random token kept in the
+# browser's (encrypted) localStorage. Whoever holds it sees that browser's history, so
+# it is as long as a session key and is never shown.
+VISITOR_ID = re.compile(r"[A-Za-z0-9_-]{24,64}")
+VISITOR_STORAGE_KEY = "talking-avatar-visitor"
+VISITOR_SECRET_FILE = ".visitor-secret"
+
+
+def new_visitor_id() -> str:
+    return _secrets.token_urlsafe(24)
+
+
+def ensure_visitor(stored: Any) -> tuple[str, str]:
+    """On page load: the browser's visitor id, made on its first visit.
+
+    Returns it twice: for the browser's storage and for the session's state.
+    """
+    vid = stored if isinstance(stored, str) and VISITOR_ID.fullmatch(stored) else new_visitor_id()
+    return vid, vid
+
+
+def owner_for(request: Any, visitor: Any = None) -> str | None:
+    """Whose job this is: the logged-in user, else this browser, else this API session.
+
+    ``None`` only without a request (direct calls from code), which is how the CLI's own
+    jobs are stored; a web visitor always gets an owner of their own.
+    """
+    if request is None:
+        return None
+    user = getattr(request, "username", None)
+    if user:
+        return f"user:{user}"
+    if isinstance(visitor, str) and VISITOR_ID.fullmatch(visitor):
+        return f"browser:{visitor}"
+    session = getattr(request, "session_hash", None)
+    return f"session:{session}" if session else f"nobody:{new_visitor_id()}"
+
+
+def visitor_secret(settings: Settings) -> str:
+    """The key that encrypts visitor ids in browsers, kept beside the history.
+
+    It must outlive restarts, or every visitor would lose their history when the app
+    restarts (Gradio's default is a new random key per start).
+    """
+    path = Path(settings.output_dir) / VISITOR_SECRET_FILE
+    try:
+        text = path.read_text(encoding="ascii").strip()
+        if len(text) >= 32:
+            return text
+    except (OSError, UnicodeDecodeError):
+        pass
+    secret = _secrets.token_urlsafe(32)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(secret)
+    except OSError:
+        log.warning("could not save the visitor secret; visitors get a new identity after a restart")
+    return secret
+
+
+# ----------------------------------------------------------------------------- the History tab
+
+STATUS_WORDS = {
+    "submitted": "submitted",
+    "queued": "queued",
+    "processing": "processing",
+    "downloading": "downloading",
+    "completed": "done",
+    "failed": "failed",
+    "cancelled": "cancelled",
+    "timed_out": "stopped waiting (may still finish)",
+    "expired": "result expired",
+}
+HISTORY_HEADERS = ["Started", "Provider", "Tier", "Length", "Cost", "Status", "Request id"]
+HISTORY_LIMIT = 200
+HISTORY_EMPTY = "No jobs yet. Videos you make appear here, and stay after you close the page."
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
+
+
+def job_status_words(rec: Any) -> str:
+    return STATUS_WORDS.get(rec.status, rec.status)
+
+
+def job_length(rec: Any) -> str:
+    return f"{rec.audio_seconds:.1f} s" if rec.audio_seconds else "-"
+
+
+def job_caption(rec: Any) -> str:
+    """One line about a stored job: when, where, tier, length, cost, status, request id."""
+    cost = format_usd(rec.estimated_cost_usd) if rec.estimated_cost_usd is not None else "cost unknown"
+    return (f"{_when(rec.created_at)} · {short_label(rec.provider)} · {rec.tier} · {job_length(rec)} · "
+            f"{cost} · {job_status_words(rec)} · {rec.request_id}")
+
+
+def has_video(rec: Any) -> bool:
+    return bool(rec.output_path) and Path(rec.output_path).is_file()
+
+
+def history_table(records: Sequence[Any]) -> list[list[str]]:
+    return [
+        [_when(r.created_at), short_label(r.provider), r.tier, job_length(r),
+         format_usd(r.estimated_cost_usd) if r.estimated_cost_usd is not None else "-",
+         job_status_words(r) + (f": {r.error[:160]}" if r.error and r.status != "completed" else ""),
+         r.request_id]
+        for r in records
+    ]
+
+
+def history_gallery(records: Sequence[Any]) -> list[tuple[str, str]]:
+    """(video, caption) for every finished job whose video is still on disk."""
+    return [(r.output_path, job_caption(r)) for r in records if r.status == "completed" and has_video(r)]
+
+
+def job_key(provider: str, request_id: str) -> str:
+    return f"{provider}:{request_id}"
+
+
+def resumable_choices(records: Sequence[Any]) -> list[tuple[str, str]]:
+    """Jobs the provider may still be working on, or whose video never arrived here."""
+    return [(job_caption(r), job_key(r.provider, r.request_id)) for r in records
+            if not r.finished and r.provider != "local"]
+
+
+def job_summary(rec: Any) -> dict:
+    """What the ``/history`` API returns about one job (no key, no provider URL)."""
+    return {
+        "provider": rec.provider, "request_id": rec.request_id, "tier": rec.tier, "version": rec.version,
+        "status": rec.status, "created_at": rec.created_at, "finished_at": rec.finished_at,
+        "audio_seconds": rec.audio_seconds, "estimated_cost_usd": rec.estimated_cost_usd,
+        "video": rec.output_path if has_video(rec) else None, "error": rec.error,
+        "resumable": not rec.finished and rec.provider != "local",
+    }
+
+
+def unfinished_notice(count: int) -> str:
+    if not count:
+        return ""
+    jobs_word = "job has" if count == 1 else "jobs have"
+    return (f"**{count} earlier {jobs_word} not finished here.** Open the **History** tab to resume "
+            f"{'it' if count == 1 else 'them'}: nothing you paid for is lost.")
+
+
 # ----------------------------------------------------------------------------- input checks
 
 
@@ -533,6 +696,101 @@ def open_job_store(settings: Settings):
         return None
 
 
+# ----------------------------------------------------------------------------- running jobs
+
+_END = object()
+
+
+class DetachedJob:
+    """One job's events, produced by a task of its own so it outlives whoever watches it.
+
+    A page that closes (or an API call that is dropped) only stops *following* the job:
+    once submitted, it runs on to its video, which lands in the store and the History
+    tab, because the user has paid for it. Before submit nothing is owed, so a watcher
+    leaving cancels it. Only :meth:`RunningJobs.cancel` (the Stop button, ``/cancel``)
+    stops a submitted job, cancelling it at the provider where the provider can.
+    """
+
+    def __init__(self, events: AsyncIterator[JobEvent], owner: str | None, registry: "RunningJobs") -> None:
+        self.owner = owner
+        self.provider: str | None = None
+        self.request_id: str | None = None
+        self._registry = registry
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._watched = True
+        self._ended = False
+        self.task = asyncio.create_task(self._pump(events))
+
+    async def _pump(self, events: AsyncIterator[JobEvent]) -> None:
+        try:
+            async for event in events:
+                if isinstance(event, Submitted):
+                    self.provider, self.request_id = event.provider, event.request_id
+                    self._registry._add(self)
+                if self._watched:
+                    self._queue.put_nowait(event)
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # noqa: BLE001 - jobs.py turns errors into events; this is a last guard
+            log.exception("background job %s ended with an error", self.request_id or "(not submitted)")
+        finally:
+            await events.aclose()
+            self._ended = True
+            self._registry._remove(self)
+            self._queue.put_nowait(_END)
+
+    async def follow(self) -> AsyncIterator[JobEvent]:
+        """The job's events as they come; leaving early detaches (see the class doc)."""
+        try:
+            while True:
+                event = await self._queue.get()
+                if event is _END:
+                    return
+                yield event
+        finally:
+            self._watched = False
+            if not self._ended and self.request_id is None:
+                self.task.cancel()
+            elif not self._ended:
+                log.info("job %s continues without a watcher; it will be in its owner's history",
+                         self.request_id)
+
+
+class RunningJobs:
+    """The submitted jobs this process is driving, by (provider, request id)."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[tuple[str, str], DetachedJob] = {}
+
+    def start(self, events: AsyncIterator[JobEvent], *, owner: str | None) -> DetachedJob:
+        return DetachedJob(events, owner, self)
+
+    def find(self, provider: str, request_id: str) -> DetachedJob | None:
+        return self._jobs.get((provider, request_id))
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    async def cancel(self, provider: str, request_id: str, *, owner: str | None) -> bool:
+        """Stop a running job of ``owner``'s (and cancel it remotely where possible)."""
+        job = self._jobs.get((provider, request_id))
+        if job is None or job.owner != owner:
+            return False
+        job.task.cancel()
+        try:
+            await asyncio.wait_for(asyncio.shield(job.task), timeout=15)
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            pass
+        return True
+
+    def _add(self, job: DetachedJob) -> None:
+        self._jobs[(job.provider, job.request_id)] = job
+
+    def _remove(self, job: DetachedJob) -> None:
+        if job.provider and self._jobs.get((job.provider, job.request_id)) is job:
+            del self._jobs[(job.provider, job.request_id)]
+
+
 # ----------------------------------------------------------------------------- handlers
 
 
@@ -560,6 +818,7 @@ class Handlers:
     def __init__(self, settings: Settings | None = None, *, store: Any = None) -> None:
         self.settings = settings or load_settings()
         self.store = store
+        self.running = RunningJobs()
 
     # -- choices
 
@@ -622,6 +881,7 @@ class Handlers:
         image_url: str = "",
         audio_url: str = "",
         trim_silence: bool = False,
+        visitor: str | None = None,
         request: gr.Request | None = None,
     ) -> AsyncIterator[tuple[str, str, str | None, dict | None]]:
         """Make one talking-avatar video; yields (status Markdown, request id, video path, job).
@@ -629,30 +889,43 @@ class Handlers:
         ``image``/``audio`` are files; ``image_url``/``audio_url`` public links used when no
         file is given. ``api_key`` is the caller's own key for ``provider``, used for this
         request only. The last frame carries the MP4 (on success) or says what went wrong.
+        ``visitor`` is the browser's id (session state, not an API parameter).
+        """
+        board = StatusBoard(provider=provider or "local", tier=tier or "standard")
+        inner = self._generate(board, image, audio, provider, tier, prompt, (api_key or "").strip() or None,
+                               version, image_url, audio_url, trim_silence, owner_for(request, visitor))
+        async for status, rid, video, job in self._keep_keys_out(api_key, board, inner, 4):
+            yield status, rid, video, job
+
+    async def _keep_keys_out(self, api_key: str | None, board: StatusBoard, frames: AsyncIterator[tuple],
+                             width: int):
+        """Pass ``frames`` on with every key redacted from the status; a bug becomes words.
+
+        The user's key is registered for log redaction while the frames run. A frame is
+        ``width`` values: (status, request id, *outputs that are None on failure).
         """
         key = (api_key or "").strip() or None
         # Kling keys come as ACCESS:SECRET; either half alone must not show either.
         user_secrets = (key, *(p.strip() for p in key.split(":"))) if key else ()
         secrets = [*user_secrets, *configured_secrets(self.settings)]
-        board = StatusBoard(provider=provider or "local", tier=tier or "standard")
         token = _ACTIVE_SECRETS.set(tuple(s for s in user_secrets if s))
         try:
-            async for frame in self._generate(board, image, audio, provider, tier, prompt, key, version,
-                                              image_url, audio_url, trim_silence, request):
-                status, rid, video, job = frame
-                yield redact(status, secrets), rid, video, job
+            async for frame in frames:
+                yield (redact(frame[0], secrets), *frame[1:])
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the user sees words, the log the traceback
-            yield board.failed(friendly_unexpected(exc, secrets), kind="InternalError"), board.request_id or "", None, None
+            failed = board.failed(friendly_unexpected(exc, secrets), kind="InternalError")
+            yield (failed, board.request_id or "", *([None] * (width - 2)))
         finally:
+            await frames.aclose()
             try:
                 _ACTIVE_SECRETS.reset(token)
             except ValueError:  # closed from another context (a cancelled task): nothing to undo there
                 pass
 
     async def _generate(self, board, image, audio, provider, tier, prompt, key, version, image_url, audio_url,
-                        trim_silence, request):
+                        trim_silence, owner):
         from .jobs import run_job
         from .media.inputs import prepare_inputs
 
@@ -688,19 +961,15 @@ class Handlers:
         hosted = provider != "local"
         image_in = prepared.image.source_url if hosted and prepared.image.passthrough_ok else prepared.image.path
         audio_in = prepared.audio.source_url if hosted and prepared.audio.passthrough_ok else prepared.audio.path
-        owner = getattr(request, "username", None) if request is not None else None
-
         jobs = run_job(
             provider, image_in, audio_in, tier=tier, version=version, prompt=prompt or "",
             settings=self.settings, api_key=key, store=self.store, owner=owner,
             audio_seconds=prepared.audio.duration_s, estimated_cost_usd=prepared.cost.usd,
         )
-        async for f in self._follow(board, jobs, frame, tier, version):
-            yield f
-
-    async def _follow(self, board, jobs, frame, tier, version):
+        job = self.running.start(jobs, owner=owner)
+        events = job.follow()
         try:
-            async for event in jobs:
+            async for event in events:
                 if isinstance(event, Done):
                     cost = board.cost.usd if board.cost else None
                     entry = history_entry(event, tier=tier, version=version, cost_usd=cost)
@@ -708,7 +977,7 @@ class Handlers:
                     return
                 yield frame(board.update(event))
         finally:
-            await jobs.aclose()
+            await events.aclose()
 
     # -- after a job, and the Stop button
 
@@ -718,11 +987,21 @@ class Handlers:
         download = gr.update(value=job["path"], visible=True) if job else gr.update()
         return download, history_radio(history, history_key(job) if job else None), history
 
-    def stopped(self, provider: str, request_id: str) -> str:
-        """The status after the user pressed Stop."""
+    async def stopped(self, provider: str = "", request_id: str = "", visitor: str | None = None,
+                      request: gr.Request | None = None) -> str:
+        """Stop a running job of the caller's (the Stop button and the ``/cancel`` endpoint).
+
+        Says honestly what happens at the provider.
+        """
+        provider, request_id = (provider or "").strip(), (request_id or "").strip()
         label = short_label(provider)
+        found = bool(request_id) and await self.running.cancel(provider, request_id,
+                                                               owner=owner_for(request, visitor))
         if not request_id:
             text = "Stopped before anything was submitted: nothing was charged."
+        elif not found:
+            text = (f"Job `{md_escape(request_id)}` is not running in this app for you (it may have finished: "
+                    "see the History tab).")
         elif provider == "local":
             text = "Stopped the local preview."
         elif _remote_cancel_supported(provider):
@@ -733,3 +1012,100 @@ class Handlers:
                 "may still finish and be billed. Keep the request id to collect the video later."
             )
         return "\n\n".join(["### Stopped", text])
+
+    # -- the History tab and the /history and /resume endpoints
+
+    def _records(self, owner: str | None) -> list[Any]:
+        if self.store is None or owner is None:
+            return []
+        try:
+            return self.store.list_jobs(owner=owner, limit=HISTORY_LIMIT)
+        except Exception:  # noqa: BLE001 - a broken history file must not break the page
+            log.exception("could not read the job history")
+            return []
+
+    def show_history(self, visitor: str | None = None, request: gr.Request | None = None) -> tuple[Any, Any, Any, str, str]:
+        """(gallery, table, resumable-jobs choice, notice on the History tab, notice on the main tab)."""
+        records = self._records(owner_for(request, visitor))
+        resumable = resumable_choices(records)
+        if self.store is None:
+            note = "The job history is not available on this server (see its log); new jobs still work."
+        elif not records:
+            note = HISTORY_EMPTY
+        else:
+            note = f"{len(records)} job{'s' if len(records) != 1 else ''}, newest first. Only you can see them."
+        pick = gr.update(choices=resumable, value=resumable[0][1] if resumable else None,
+                         info=None if resumable else "Nothing to resume: every job has finished.")
+        return history_gallery(records), history_table(records), pick, note, unfinished_notice(len(resumable))
+
+    def history_api(self, visitor: str | None = None, request: gr.Request | None = None) -> list[dict]:
+        """The caller's own jobs, newest first, as plain data (the ``/history`` endpoint)."""
+        return [job_summary(r) for r in self._records(owner_for(request, visitor))]
+
+    async def resume(
+        self,
+        provider: str = "wavespeed",
+        request_id: str = "",
+        api_key: str = "",
+        visitor: str | None = None,
+        request: gr.Request | None = None,
+    ) -> AsyncIterator[tuple[str, str, str | None]]:
+        """Continue a job from its provider and request id; yields (status, request id, video).
+
+        For jobs of this app (listed in History) and jobs started elsewhere with the same
+        account. Nothing is submitted, so nothing new is charged.
+        """
+        provider = (provider or "").strip()
+        request_id = (request_id or "").strip()
+        record = None
+        if self.store is not None and provider and request_id:
+            try:
+                record = self.store.get(provider, request_id)
+            except Exception:  # noqa: BLE001
+                log.exception("could not read the job history")
+        board = StatusBoard(provider=provider or "wavespeed", tier=getattr(record, "tier", None) or "standard",
+                            version=getattr(record, "version", None) or default_version(provider or "wavespeed"))
+        owner = owner_for(request, visitor)
+        inner = self._resume(board, provider, request_id, (api_key or "").strip() or None, owner, record)
+        async for frame in self._keep_keys_out(api_key, board, inner, 3):
+            yield frame
+
+    async def _resume(self, board, provider, request_id, key, owner, record):
+        from .jobs import resume as resume_job
+
+        board.request_id = request_id or None
+        hosted = hosted_provider_ids(self.settings)
+        if provider not in hosted:
+            yield board.failed(f"Pick the provider the job was sent to ({', '.join(hosted)})."), request_id, None
+            return
+        if record is not None and record.owner is not None and record.owner != owner:
+            yield board.failed("That job was started by someone else using this app; only they can resume it "
+                               "here."), request_id, None
+            return
+        if record is not None and record.status == "completed" and has_video(record):
+            board.finished = True
+            yield board.message("Already finished", "The video is in your history; it is shown below."), \
+                request_id, record.output_path
+            return
+        yield board.message(f"Asking {board.label} about job `{md_escape(request_id)}`…"), request_id, None
+        events = resume_job(provider, request_id, tier=board.tier, settings=self.settings, api_key=key,
+                            store=self.store, owner=owner)
+        try:
+            async for event in events:
+                status = board.update(event)
+                if isinstance(event, Done):
+                    yield status, request_id, str(event.path)
+                    return
+                yield status, request_id, None
+        finally:
+            await events.aclose()
+
+    async def resume_selected(self, choice: str | None, api_key: str = "", visitor: str | None = None,
+                              request: gr.Request | None = None) -> AsyncIterator[tuple[str, str, str | None]]:
+        """The History tab's Resume button: ``choice`` is ``provider:request_id``."""
+        provider, _, request_id = (choice or "").partition(":")
+        if not request_id:
+            yield "Pick a job to resume from the list first.", "", None
+            return
+        async for frame in self.resume(provider, request_id, api_key, visitor, request):
+            yield frame

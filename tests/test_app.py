@@ -132,8 +132,10 @@ def test_generate_endpoint_has_the_documented_parameters(served):
     assert params[:6] == ["image", "audio", "provider", "tier", "prompt", "api_key"]
     optional = {p["parameter_name"] for p in endpoints["/generate"]["parameters"] if p["parameter_has_default"]}
     assert {"provider", "tier", "prompt", "api_key", "version", "image_url", "audio_url", "trim_silence"} <= optional
-    # UI-only events (input checks, buttons, history) are not part of the API.
-    assert list(endpoints) == ["/generate"]
+    # UI-only events (input checks, buttons, history views) are not part of the API.
+    assert sorted(endpoints) == ["/cancel", "/generate", "/history", "/resume"]
+    assert [p["parameter_name"] for p in endpoints["/resume"]["parameters"]] == ["provider", "request_id", "api_key"]
+    assert [p["parameter_name"] for p in endpoints["/cancel"]["parameters"]] == ["provider", "request_id"]
     assert len(endpoints["/generate"]["returns"]) == 3  # status, request id, video
 
 
@@ -227,9 +229,10 @@ def test_a_failed_job_shows_the_providers_reason(served):
     assert "Traceback" not in status
 
 
-def test_cancel_stops_the_job_on_the_server(served):
-    served.emu.plan_jobs(JobPlan(processing_s=120))
-    job = served.client.submit(
+def _submit_slow_wavespeed_job(served, client, processing_s: float):
+    served.emu.requests.clear()
+    served.emu.plan_jobs(JobPlan(processing_s=processing_s))
+    job = client.submit(
         image=handle_file(str(IMAGE)), audio=handle_file(str(AUDIO)), provider="wavespeed", tier="standard",
         prompt="", api_key=USER_WAVESPEED_KEY, api_name="/generate",
     )
@@ -237,11 +240,54 @@ def test_cancel_stops_the_job_on_the_server(served):
     while not any("Generating the video" in o[0] for o in job.outputs()):
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    job.cancel()
+    return job, job.outputs()[-1][1]
+
+
+def _result_polls(served) -> int:
+    return len(served.emu.requests.to("GET", r"/predictions/.*/result$"))
+
+
+def test_cancel_endpoint_stops_the_job_on_the_server(served):
+    client = Client(served.url, verbose=False)
+    job, request_id = _submit_slow_wavespeed_job(served, client, 120)
+    said = client.predict("wavespeed", request_id, api_name="/cancel")
+    assert "Stopped waiting" in said and request_id in said and "may still finish and be billed" in said
     time.sleep(1.0)
-    polls = len(served.emu.requests.to("GET", r"/predictions/.*/result$"))
+    polls = _result_polls(served)
     time.sleep(2.0)
-    assert len(served.emu.requests.to("GET", r"/predictions/.*/result$")) == polls, "still polling after cancel"
+    assert _result_polls(served) == polls, "still polling after cancel"
+    (row,) = [j for j in client.predict(api_name="/history") if j["request_id"] == request_id]
+    # WaveSpeed cannot cancel: the job may still finish and be billed, so it stays resumable.
+    assert row["status"] != "cancelled" and row["resumable"] is True
+
+
+def test_a_dropped_call_never_loses_a_submitted_job(served):
+    """Closing the page (or dropping the API call) only stops watching: the paid job finishes."""
+    client = Client(served.url, verbose=False)
+    job, request_id = _submit_slow_wavespeed_job(served, client, 2.0)
+    job.cancel()
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:
+        (row,) = [j for j in client.predict(api_name="/history") if j["request_id"] == request_id]
+        if row["status"] == "completed":
+            break
+        assert time.monotonic() < deadline, f"the job never finished after the call was dropped: {row}"
+        time.sleep(0.2)
+    assert row["video"] and Path(row["video"]).is_file()
+    _assert_playable_mp4_as_long_as_the_audio(Path(row["video"]))
+    assert len(served.emu.requests.to("POST", r"/api/v3/kwaivgi/")) == 1, "submitted more than once"
+
+
+def test_another_visitor_can_neither_see_nor_cancel_my_job(served):
+    mine, theirs = Client(served.url, verbose=False), Client(served.url, verbose=False)
+    job, request_id = _submit_slow_wavespeed_job(served, mine, 3.0)
+    said = theirs.predict("wavespeed", request_id, api_name="/cancel")
+    assert "not running in this app for you" in said
+    assert request_id not in {j["request_id"] for j in theirs.predict(api_name="/history")}
+    status, rid, video = job.result(timeout=JOB_TIMEOUT_S)
+    assert "Done in" in status and rid == request_id
+    assert request_id in {j["request_id"] for j in mine.predict(api_name="/history")}
+    assert request_id not in {j["request_id"] for j in theirs.predict(api_name="/history")}
 
 
 def test_jobs_run_side_by_side_not_one_after_another(served):
@@ -259,3 +305,69 @@ def test_jobs_run_side_by_side_not_one_after_another(served):
     assert all("Done in" in r[0] for r in results)
     # Serialised, two 3.3 s jobs would take more than 6.6 s plus overheads.
     assert elapsed < 6.0, f"two jobs took {elapsed:.1f} s: they were serialised"
+
+
+# ----------------------------------------------------------------------------- history and resume
+
+
+def _data_uri(path: Path, mime: str) -> str:
+    import base64
+
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_resume_a_job_started_elsewhere_by_its_request_id(served):
+    """As if submitted from another computer: the app fetches it and files it under this visitor."""
+    client = Client(served.url, verbose=False)
+    served.emu.requests.clear()
+    job = served.emu.create_job(
+        "wavespeed", "kwaivgi/kling-v1-ai-avatar-standard", "standard",
+        {"image": _data_uri(IMAGE, "image/jpeg"), "audio": _data_uri(AUDIO, "audio/mpeg")},
+    )
+    statuses = []
+    run = client.submit("wavespeed", job.id, USER_WAVESPEED_KEY, api_name="/resume")
+    status, request_id, video = run.result(timeout=JOB_TIMEOUT_S)
+    statuses = [o[0] for o in run.outputs()]
+    assert "Done in" in status and request_id == job.id, statuses
+    _assert_playable_mp4_as_long_as_the_audio(_video_path(video))
+    # Resuming only reads: no submit went out, and the user's key was the one used.
+    assert not served.emu.requests.to("POST", r"/api/v3/kwaivgi/")
+    polls = served.emu.requests.to("GET", rf"/api/v3/predictions/{job.id}/result$")
+    assert polls and all(r.headers["authorization"] == f"Bearer {USER_WAVESPEED_KEY}" for r in polls)
+    (row,) = [j for j in client.predict(api_name="/history") if j["request_id"] == job.id]
+    assert row["status"] == "completed" and Path(row["video"]).is_file()
+    # Resuming it again shows the stored video without asking the provider.
+    served.emu.requests.clear()
+    status, _, again = client.predict("wavespeed", job.id, "", api_name="/resume")
+    assert "Already finished" in status and Path(_video_path(again)).name == Path(row["video"]).name
+    assert not served.emu.requests.to("GET", r"/predictions/")
+
+
+def test_resume_refuses_someone_elses_job_and_nonsense_ids(served):
+    mine, theirs = Client(served.url, verbose=False), Client(served.url, verbose=False)
+    _, rid = _submit_slow_wavespeed_job(served, mine, 0.5)
+    status, _, video = theirs.predict("wavespeed", rid, USER_WAVESPEED_KEY, api_name="/resume")
+    assert "started by someone else" in status and video is None
+    status, _, video = theirs.predict("wavespeed", "../../etc/passwd", USER_WAVESPEED_KEY, api_name="/resume")
+    assert "request id exactly as the provider gave it" in status and video is None
+    with pytest.raises(Exception, match="not in the list of choices"):
+        theirs.predict("local", "abc", "", api_name="/resume")
+
+
+def test_two_sessions_each_see_only_their_own_history(served):
+    alice, bob = Client(served.url, verbose=False), Client(served.url, verbose=False)
+    ids = {}
+    for name, client in (("alice", alice), ("bob", bob)):
+        status, rid, video = client.predict(
+            image=handle_file(str(IMAGE)), audio=handle_file(str(AUDIO)), provider="local", tier="standard",
+            prompt="", api_key="", api_name="/generate",
+        )
+        assert "Done in" in status
+        ids[name] = rid
+    seen = {name: {j["request_id"] for j in c.predict(api_name="/history")} for name, c in (("alice", alice), ("bob", bob))}
+    assert ids["alice"] in seen["alice"] and ids["alice"] not in seen["bob"]
+    assert ids["bob"] in seen["bob"] and ids["bob"] not in seen["alice"]
+    # What the history holds about a job: no key, no provider URL.
+    (row,) = [j for j in alice.predict(api_name="/history") if j["request_id"] == ids["alice"]]
+    assert set(row) >= {"provider", "request_id", "tier", "status", "estimated_cost_usd", "audio_seconds", "video"}
+    assert "http" not in str(row.get("video"))

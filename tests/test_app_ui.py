@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import re
 from pathlib import Path
 
@@ -219,11 +221,57 @@ def test_history_entries_hold_no_key_and_skip_vanished_files(tmp_path):
 # ----------------------------------------------------------------------------- handlers (no server)
 
 
-def test_stop_message_is_honest_about_providers_that_cannot_cancel():
+async def _running_job(h, provider, request_id, owner=None):
+    """A job in the app's registry whose events never end until it is cancelled."""
+    from avatar_core.events import Submitted
+
+    async def events():
+        yield Submitted(provider, request_id, None, 0.0)
+        await asyncio.sleep(3600)
+
+    job = h.running.start(events(), owner=owner)
+    for _ in range(100):
+        if h.running.find(provider, request_id):
+            return job
+        await asyncio.sleep(0.01)
+    raise AssertionError("the job never registered")
+
+
+async def test_stop_message_is_honest_about_providers_that_cannot_cancel():
     h = ui.Handlers(Settings())
-    text = h.stopped("wavespeed", "req-9")
+    job = await _running_job(h, "wavespeed", "req-9")
+    text = await h.stopped("wavespeed", "req-9")
     assert "cannot cancel" in text and "req-9" in text and "billed" in text
-    assert "nothing was charged" in h.stopped("segmind", "")
+    assert job.task.done() and h.running.find("wavespeed", "req-9") is None
+    assert "nothing was charged" in await h.stopped("segmind", "")
+    assert "not running in this app for you" in await h.stopped("wavespeed", "req-9")
+
+
+async def test_a_watcher_leaving_detaches_a_submitted_job_but_cancels_an_unsubmitted_one():
+    h = ui.Handlers(Settings())
+    job = await _running_job(h, "fal", "req-1")
+    watcher = job.follow()
+    assert (await watcher.__anext__()).request_id == "req-1"
+    await watcher.aclose()  # the page closed
+    await asyncio.sleep(0.05)
+    assert not job.task.done(), "a submitted job must keep running for its owner's history"
+    assert await h.running.cancel("fal", "req-1", owner="someone-else") is False
+    assert await h.running.cancel("fal", "req-1", owner=None) is True and job.task.done()
+
+    started = asyncio.Event()
+
+    async def uploading():
+        started.set()
+        await asyncio.sleep(3600)
+        yield None
+
+    early = h.running.start(uploading(), owner=None)
+    watcher = early.follow()
+    pending = asyncio.ensure_future(watcher.__anext__())
+    await started.wait()
+    pending.cancel()
+    await asyncio.sleep(0.05)
+    assert early.task.done(), "nothing was submitted, so nothing is kept running"
 
 
 def test_image_check_shows_the_face_and_plain_words(tmp_path):
@@ -305,3 +353,97 @@ async def test_log_lines_during_a_request_lose_the_users_key(tmp_path, monkeypat
     assert frames and "provider said: invalid key **** (server key ****)" in text
     assert "bad ****" in text and "ValueError" in text
     assert text.count("ws-user-KEY-77") == 1  # only the line logged outside the request
+
+
+# ----------------------------------------------------------------------------- visitors and history
+
+
+class _Req:
+    def __init__(self, username=None, session_hash=None):
+        self.username, self.session_hash = username, session_hash
+
+
+def test_owner_is_the_user_then_the_browser_then_the_session():
+    vid = ui.new_visitor_id()
+    assert ui.owner_for(_Req("ann", "s1"), vid) == "user:ann"
+    assert ui.owner_for(_Req(None, "s1"), vid) == f"browser:{vid}"
+    assert ui.owner_for(_Req(None, "s1"), "short") == "session:s1"
+    assert ui.owner_for(_Req(None, "s1"), None) == "session:s1"
+    a, b = ui.owner_for(_Req(), None), ui.owner_for(_Req(), None)
+    assert a.startswith("nobody:") and a != b  # never a shared bucket
+    assert ui.owner_for(None, vid) is None  # code calling directly: the CLI's own jobs
+    assert ui.ensure_visitor(vid) == (vid, vid)
+    fresh, same = ui.ensure_visitor("not-an-id")
+    assert fresh == same and ui.VISITOR_ID.fullmatch(fresh) and fresh != ui.ensure_visitor(None)[0]
+
+
+def test_the_visitor_key_survives_restarts_and_is_private(tmp_path):
+    settings = Settings(output_dir=tmp_path)
+    first = ui.visitor_secret(settings)
+    assert ui.visitor_secret(settings) == first and len(first) >= 32
+    assert (tmp_path / ui.VISITOR_SECRET_FILE).stat().st_mode & 0o077 == 0
+    blocked = ui.private_files(settings)
+    assert str((tmp_path / ui.VISITOR_SECRET_FILE).resolve()) in blocked
+    assert str((tmp_path / "jobs.sqlite3").resolve()) in blocked
+
+
+def _record(store, rid, *, status, owner="browser:x", provider="wavespeed", video=None, error=None):
+    store.record_submitted(provider=provider, request_id=rid, model="m", tier="pro", version="v1", prompt="",
+                           image_name="face.png", audio_name="voice.wav", audio_seconds=12.5,
+                           estimated_cost_usd=1.44, owner=owner)
+    if status != "submitted":
+        store.update(provider, rid, status=status, output_path=video, error=error)
+    return store.get(provider, rid)
+
+
+def test_history_views_show_every_fact_and_offer_only_unfinished_jobs(tmp_path):
+    from avatar_core.store import JobStore
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"\0" * 10)
+    done = _record(store, "r-done", status="completed", video=str(video))
+    running = _record(store, "r-run", status="processing")
+    failed = _record(store, "r-fail", status="failed", error="The safety filter refused the image.")
+    waited = _record(store, "r-wait", status="timed_out")
+    records = [done, running, failed, waited]
+    rows = ui.history_table(records)
+    assert rows[0][1:] == ["WaveSpeed", "pro", "12.5 s", "$1.44", "done", "r-done"]
+    assert rows[2][5] == "failed: The safety filter refused the image."
+    assert rows[3][5] == "stopped waiting (may still finish)"
+    gallery = ui.history_gallery(records)
+    assert gallery == [(str(video), ui.job_caption(done))]
+    assert all(w in gallery[0][1] for w in ("WaveSpeed", "pro", "12.5 s", "$1.44", "done", "r-done"))
+    assert [key for _, key in ui.resumable_choices(records)] == ["wavespeed:r-run", "wavespeed:r-wait"]
+    video.unlink()
+    assert ui.history_gallery(records) == []  # deleted by retention: the row stays, the tile goes
+    assert "2 earlier jobs have not finished" in ui.unfinished_notice(2) and ui.unfinished_notice(0) == ""
+
+
+def test_show_history_is_per_visitor(tmp_path):
+    from avatar_core.store import JobStore
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    vid_a, vid_b = ui.new_visitor_id(), ui.new_visitor_id()
+    _record(store, "a-1", status="processing", owner=f"browser:{vid_a}")
+    _record(store, "b-1", status="processing", owner=f"browser:{vid_b}")
+    h = ui.Handlers(Settings(output_dir=tmp_path), store=store)
+    _gallery, table, pick, note, banner = h.show_history(vid_a, _Req(None, "s"))
+    assert [r[-1] for r in table] == ["a-1"] and pick["value"] == "wavespeed:a-1"
+    assert "Only you can see them" in note and "1 earlier job has not finished" in banner
+    assert [j["request_id"] for j in h.history_api(vid_b, _Req(None, "s"))] == ["b-1"]
+    assert h.history_api(None, None) == []  # no request, no visitor: nothing
+
+
+async def test_resume_handler_explains_what_it_cannot_do(tmp_path):
+    from avatar_core.store import JobStore
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    _record(store, "theirs", status="processing", owner="browser:someone")
+    h = ui.Handlers(Settings(output_dir=tmp_path), store=store)
+    frames = [f async for f in h.resume("local", "x", "", None, _Req(None, "s"))]
+    assert "Pick the provider the job was sent to" in frames[-1][0]
+    frames = [f async for f in h.resume("wavespeed", "theirs", "", None, _Req(None, "s"))]
+    assert "started by someone else" in frames[-1][0] and frames[-1][2] is None
+    frames = [f async for f in h.resume_selected(None, "", None, _Req(None, "s"))]
+    assert "Pick a job to resume" in frames[-1][0]

@@ -153,14 +153,16 @@ def test_symlinks_in_the_output_folder_pointing_outside_are_refused(deployment, 
     _refused(deployment, f"/gradio_api/file={path}", _marker(name, _targets(deployment)[name]))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "app.launch allows the whole output dir (allowed_paths), and the job store lives there by default: "
-    "the history of every visitor's jobs is downloadable. Proposed fix in app.py: blocked_paths for the store "
-    "(see docs/SECURITY.md, 'Files'). Remove this marker when it lands."))
 def test_the_job_store_is_refused(deployment):
     store = deployment.out_dir / "jobs.sqlite3"
     assert store.is_file()
     _refused(deployment, f"/gradio_api/file={store}", b"SQLite format 3")
+
+
+def test_the_visitor_id_key_is_refused(deployment):
+    secret = deployment.out_dir / ".visitor-secret"
+    assert secret.is_file()
+    _refused(deployment, f"/gradio_api/file={secret}", secret.read_bytes())
 
 
 def test_gradio_does_not_fetch_loopback_urls_for_a_visitor(deployment):
