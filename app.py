@@ -57,6 +57,7 @@ def build_demo(settings: Settings | None = None, *, store=None) -> gr.Blocks:
     settings = settings or load_settings()
     if store is None:
         store = ui.open_job_store(settings)
+    ui.startup_upkeep(store, settings)
     h = ui.Handlers(settings, store=store)
     provider_choices, default_provider = ui.provider_dropdown(settings)
     version_choices, default_version = ui.version_dropdown(default_provider)

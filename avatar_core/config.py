@@ -20,6 +20,10 @@ DEFAULT_DEADLINE_S = 3600.0
 # Standard output is about 720p, pro about 1080p; five minutes of 1080p H.264 stays well
 # under this. Anything larger is not a video we asked for.
 DEFAULT_MAX_VIDEO_BYTES = 500 * 1024 * 1024
+# A month of videos, and at most about 5 GB of them: room for a few hundred pro videos
+# on a laptop or a Space's persistent disk, without filling either.
+DEFAULT_RETENTION_DAYS = 30
+DEFAULT_RETENTION_MAX_MB = 5000
 # Per-visitor limits on a shared deployment (see guard.py). Two at once lets someone
 # compare providers side by side; twenty a day is a long working session, while a
 # script hammering the server's keys stops there.
@@ -126,6 +130,10 @@ class Settings:
     # Estimated USD the server's keys may spend per UTC day; 0 = they never pay for a
     # job, None = no cap. Jobs paid with a visitor's own key do not count.
     daily_spend_cap_usd: float | None = DEFAULT_DAILY_SPEND_CAP_USD
+    # Finished videos are deleted after this many days, oldest first once the output
+    # folder passes this size; the rows stay. None = keep forever. Never a running job's.
+    retention_days: int | None = DEFAULT_RETENTION_DAYS
+    retention_max_mb: int | None = DEFAULT_RETENTION_MAX_MB
 
     def has_key(self, provider: str) -> bool:
         """True when every key the provider needs is configured."""
@@ -199,6 +207,8 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | os.Pa
         merged, "AVATAR_MAX_DAILY_JOBS_PER_VISITOR", DEFAULT_MAX_DAILY_JOBS_PER_VISITOR
     )
     kwargs["daily_spend_cap_usd"] = _spend_cap(merged, "AVATAR_DAILY_SPEND_CAP_USD")
+    kwargs["retention_days"] = _limit(merged, "AVATAR_RETENTION_DAYS", DEFAULT_RETENTION_DAYS)
+    kwargs["retention_max_mb"] = _limit(merged, "AVATAR_RETENTION_MAX_MB", DEFAULT_RETENTION_MAX_MB)
     return Settings(**kwargs)
 
 

@@ -791,6 +791,51 @@ class RunningJobs:
             del self._jobs[(job.provider, job.request_id)]
 
 
+# ----------------------------------------------------------------------------- upkeep
+
+
+def apply_retention(store: Any, settings: Settings) -> int:
+    """Delete old finished videos per the retention settings; returns how many went.
+
+    Rows stay (the history keeps its story); a running job's files are never touched
+    (see ``JobStore.cleanup``).
+    """
+    if store is None or (settings.retention_days is None and settings.retention_max_mb is None):
+        return 0
+    try:
+        removed = store.cleanup(
+            max_age_s=None if settings.retention_days is None else settings.retention_days * 86400.0,
+            max_total_bytes=None if settings.retention_max_mb is None else settings.retention_max_mb * 1024 * 1024,
+        )
+    except Exception:  # noqa: BLE001 - upkeep must never stop the app
+        log.exception("retention cleanup failed")
+        return 0
+    if removed:
+        log.info("retention: deleted %d old video(s) from %s", len(removed), settings.output_dir)
+    return len(removed)
+
+
+def startup_upkeep(store: Any, settings: Settings) -> str:
+    """At start-up: apply retention and say which jobs are still unfinished (for the log)."""
+    if store is None:
+        return "job history unavailable: jobs will run but not be kept"
+    apply_retention(store, settings)
+    try:
+        from .store import ALL_OWNERS
+
+        waiting = [r for r in store.unfinished(owner=ALL_OWNERS) if r.provider != "local"]
+    except Exception:  # noqa: BLE001
+        log.exception("could not read the job history")
+        return "job history unreadable"
+    if not waiting:
+        return "no unfinished jobs in the history"
+    listed = ", ".join(f"{r.provider}:{r.request_id}" for r in waiting[:10])
+    more = f" and {len(waiting) - 10} more" if len(waiting) > 10 else ""
+    text = f"{len(waiting)} unfinished job(s) in the history ({listed}{more}); their owners can resume them in the History tab"
+    log.info(text)
+    return text
+
+
 # ----------------------------------------------------------------------------- handlers
 
 
@@ -983,6 +1028,8 @@ class Handlers:
 
     def finished(self, job: dict | None, history: list[dict] | None) -> tuple[Any, Any, list[dict]]:
         """Add a finished job to the session list; show its download button."""
+        if job:
+            apply_retention(self.store, self.settings)
         history = add_to_history(history, job)
         download = gr.update(value=job["path"], visible=True) if job else gr.update()
         return download, history_radio(history, history_key(job) if job else None), history

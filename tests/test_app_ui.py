@@ -447,3 +447,32 @@ async def test_resume_handler_explains_what_it_cannot_do(tmp_path):
     assert "started by someone else" in frames[-1][0] and frames[-1][2] is None
     frames = [f async for f in h.resume_selected(None, "", None, _Req(None, "s"))]
     assert "Pick a job to resume" in frames[-1][0]
+
+
+def test_startup_applies_retention_and_lists_unfinished_jobs(tmp_path, caplog):
+    import logging
+    import os
+    import time as _time
+
+    from avatar_core.store import JobStore
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    old, running = tmp_path / "old.mp4", tmp_path / "running.mp4"
+    old.write_bytes(b"0" * 100)
+    running.write_bytes(b"0" * 100)
+    _record(store, "r-old", status="completed", video=str(old))
+    _record(store, "r-run", status="processing", video=str(running))
+    _record(store, "r-local", status="processing", provider="local")
+    # Make the finished job 40 days old.
+    with store._write() as conn:
+        conn.execute("UPDATE jobs SET finished_at = ?, created_at = ? WHERE request_id = 'r-old'",
+                     (_time.time() - 40 * 86400, _time.time() - 40 * 86400))
+    settings = Settings(output_dir=tmp_path, retention_days=30, retention_max_mb=None)
+    with caplog.at_level(logging.INFO, logger="avatar_core.ui"):
+        text = ui.startup_upkeep(store, settings)
+    assert not old.exists() and running.exists(), "retention removes old videos, never a running job's"
+    assert store.get("wavespeed", "r-old").output_path is None  # the row stays
+    assert text.startswith("1 unfinished job(s)") and "wavespeed:r-run" in text and "r-local" not in text
+    assert "wavespeed:r-run" in caplog.text
+    assert ui.startup_upkeep(None, settings).startswith("job history unavailable")
+    assert ui.apply_retention(store, Settings(output_dir=tmp_path, retention_days=None, retention_max_mb=None)) == 0
