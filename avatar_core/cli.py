@@ -1,4 +1,4 @@
-"""The command line: ``python -m avatar_core generate|resume|emulator``.
+"""The command line: ``python -m avatar_core generate|resume|history|emulator``.
 
 Prints one line per status change and the final file path; exits 0 on success and
 non-zero with a one-line reason on stderr otherwise. Keys come from the environment or
@@ -12,6 +12,7 @@ import asyncio
 import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import AsyncIterator, Sequence
 
@@ -136,6 +137,27 @@ async def _resume(args, settings) -> int:
     return await _print_events(events, args.out)
 
 
+def _history(args, settings) -> int:
+    """Every job in the history file (all owners: the CLI runs where the file is), newest first."""
+    from .store import ALL_OWNERS, JobStore
+
+    store = JobStore(settings.store_path)
+    records = store.unfinished(owner=ALL_OWNERS) if args.unfinished else store.list_jobs(owner=ALL_OWNERS,
+                                                                                            limit=args.limit)
+    if not records:
+        print("no unfinished jobs" if args.unfinished else "no jobs yet")
+        return 0
+    for r in records:
+        cost = f"${r.estimated_cost_usd:.2f}" if r.estimated_cost_usd is not None else "-"
+        length = f"{r.audio_seconds:.1f}s" if r.audio_seconds else "-"
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at))
+        print(f"{when}  {r.provider:<9} {r.tier:<8} {length:>7} {cost:>7}  {r.status:<11} {r.request_id}"
+              + (f"  {r.output_path}" if r.output_path else ""))
+    if args.unfinished:
+        print("resume one with: python -m avatar_core resume --provider PROVIDER --request-id ID")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m avatar_core", description="Talking-avatar videos with Kling AI Avatar.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--request-id", required=True)
     res.add_argument("--tier", choices=TIERS, default=None)
     res.add_argument("--out", type=Path, default=None)
+
+    hist = sub.add_parser("history", help="list jobs from the history file")
+    hist.add_argument("--unfinished", action="store_true", help="only jobs that can still be resumed")
+    hist.add_argument("--limit", type=int, default=50)
 
     emu = sub.add_parser("emulator", help="run the loopback provider emulator (for trying things offline)")
     emu.add_argument("--port", type=int, default=8787)
@@ -177,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
         if args.command == "generate":
             return asyncio.run(_generate(args, settings))
+        if args.command == "history":
+            return _history(args, settings)
         return asyncio.run(_resume(args, settings))
     except AvatarError as exc:
         print(f"error: {exc}", file=sys.stderr)

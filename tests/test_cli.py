@@ -115,3 +115,25 @@ def test_resume_finishes_a_job_started_elsewhere(emu, inputs, tmp_path):
     path = Path(proc.stdout.strip().splitlines()[-1])
     assert abs(duration(path) - 2.2) <= 0.1
     assert len(emu.requests_to("POST", r"^/v2/kling")) == 1
+
+
+def test_history_lists_jobs_and_what_can_be_resumed(emu, inputs, tmp_path):
+    emu.reset()
+    image, audio = inputs
+    proc = run_cli(["history"], {}, tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "no jobs yet"
+    proc = run_cli(["generate", "--provider", "wavespeed", "--image", str(image), "--audio", str(audio)],
+                   emu_env(emu), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(emu.requests_to("POST", r"^/api/v3/kwaivgi/")) == 1
+    from avatar_core.store import JobStore
+
+    (row,) = JobStore(tmp_path / "out" / "jobs.sqlite3").list_jobs(owner=None)
+    proc = run_cli(["history"], {}, tmp_path)
+    line = proc.stdout.strip().splitlines()[0]
+    assert "wavespeed" in line and "completed" in line and row.request_id in line and "2.2s" in line
+    assert row.output_path in line
+    # A job still running when the CLI was killed shows up as resumable.
+    JobStore(tmp_path / "out" / "jobs.sqlite3").update("wavespeed", row.request_id, status="processing")
+    proc = run_cli(["history", "--unfinished"], {}, tmp_path)
+    assert row.request_id in proc.stdout and "python -m avatar_core resume" in proc.stdout
