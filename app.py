@@ -45,6 +45,8 @@ CSS = """
 @keyframes job-busy { from { background-position: 100% 0; } to { background-position: 0 0; } }
 #status h3 { margin: 0.2rem 0 0.4rem; }
 #generate-row button { min-height: 3rem; }
+/* Gradio sizes the gallery grid to the number of items: one video would fill the page. */
+#history-gallery .grid-container { grid-template-columns: repeat(auto-fill, minmax(240px, 1fr)) !important; }
 @media (max-width: 640px) {
   .gradio-container { padding: 0 6px !important; }
   #intro h1 { font-size: 1.5rem; }
@@ -162,8 +164,8 @@ def build_demo(settings: Settings | None = None, *, store=None) -> gr.Blocks:
             with gr.Tab("History", id="history", elem_id="tab-history") as history_tab:
                 history_note = gr.Markdown(ui.HISTORY_EMPTY, elem_id="history-note")
                 history_gallery = gr.Gallery(
-                    label="Your videos", columns=3, height="auto", object_fit="contain", allow_preview=True,
-                    elem_id="history-gallery",
+                    label="Your videos (click one to play it)", columns=4, height=320, object_fit="contain",
+                    allow_preview=True, preview=False, elem_id="history-gallery",
                 )
                 history_table = gr.Dataframe(
                     headers=ui.HISTORY_HEADERS, value=[], interactive=False, wrap=True, label="All your jobs",
@@ -174,7 +176,7 @@ def build_demo(settings: Settings | None = None, *, store=None) -> gr.Blocks:
                         gr.Markdown("### Resume a job\nJobs that were still running when the page closed or "
                                     "the app restarted. Resuming never submits again, so it costs nothing more.")
                         resumable = gr.Dropdown([], value=None, label="Jobs not finished", elem_id="resumable")
-                        resume_btn = gr.Button("Resume", variant="primary", elem_id="resume")
+                        resume_btn = gr.Button("Resume", variant="primary", interactive=False, elem_id="resume")
                         with gr.Accordion("A job started elsewhere (another computer, the CLI, the provider's site)",
                                           open=False):
                             resume_provider = gr.Dropdown(
@@ -211,7 +213,7 @@ def build_demo(settings: Settings | None = None, *, store=None) -> gr.Blocks:
               [provider, tier, version, audio_seconds], cost, queue=False, show_progress="hidden", **private)
 
         # --- who is asking: a per-browser id (or the logged-in user), then their history
-        history_outputs = [history_gallery, history_table, resumable, history_note, unfinished_note]
+        history_outputs = [history_gallery, history_table, resumable, history_note, unfinished_note, resume_btn]
         demo.load(ui.ensure_visitor, visitor_store, [visitor_store, visitor], queue=False, **private).then(
             h.show_history, visitor, history_outputs, **private
         )

@@ -1071,8 +1071,8 @@ class Handlers:
             log.exception("could not read the job history")
             return []
 
-    def show_history(self, visitor: str | None = None, request: gr.Request | None = None) -> tuple[Any, Any, Any, str, str]:
-        """(gallery, table, resumable-jobs choice, notice on the History tab, notice on the main tab)."""
+    def show_history(self, visitor: str | None = None, request: gr.Request | None = None) -> tuple[Any, ...]:
+        """(gallery, table, resumable-jobs choice, History tab notice, main tab notice, Resume button)."""
         records = self._records(owner_for(request, visitor))
         resumable = resumable_choices(records)
         if self.store is None:
@@ -1083,7 +1083,8 @@ class Handlers:
             note = f"{len(records)} job{'s' if len(records) != 1 else ''}, newest first. Only you can see them."
         pick = gr.update(choices=resumable, value=resumable[0][1] if resumable else None,
                          info=None if resumable else "Nothing to resume: every job has finished.")
-        return history_gallery(records), history_table(records), pick, note, unfinished_notice(len(resumable))
+        return (history_gallery(records), history_table(records), pick, note, unfinished_notice(len(resumable)),
+                gr.update(interactive=bool(resumable)))
 
     def history_api(self, visitor: str | None = None, request: gr.Request | None = None) -> list[dict]:
         """The caller's own jobs, newest first, as plain data (the ``/history`` endpoint)."""

@@ -428,7 +428,8 @@ def test_show_history_is_per_visitor(tmp_path):
     _record(store, "a-1", status="processing", owner=f"browser:{vid_a}")
     _record(store, "b-1", status="processing", owner=f"browser:{vid_b}")
     h = ui.Handlers(Settings(output_dir=tmp_path), store=store)
-    _gallery, table, pick, note, banner = h.show_history(vid_a, _Req(None, "s"))
+    _gallery, table, pick, note, banner, button = h.show_history(vid_a, _Req(None, "s"))
+    assert button["interactive"] is True
     assert [r[-1] for r in table] == ["a-1"] and pick["value"] == "wavespeed:a-1"
     assert "Only you can see them" in note and "1 earlier job has not finished" in banner
     assert [j["request_id"] for j in h.history_api(vid_b, _Req(None, "s"))] == ["b-1"]

@@ -252,3 +252,48 @@ def test_stop_ends_the_wait_and_says_what_happens_to_the_job(server, browser):
         assert page.locator("#generate").is_enabled() and page.locator("#stop").is_disabled()
     finally:
         context.close()
+
+
+def _history_text(page) -> str:
+    return page.locator("#history-table").inner_text()
+
+
+def test_history_keeps_a_job_whose_page_was_closed_and_shows_it_only_to_that_browser(server, browser):
+    url, emu = server
+    emu.plan_jobs(JobPlan(processing_s=3.0))
+    context, page = _open(browser, url)
+    try:
+        _add_inputs(page)
+        _choose_provider(page, "WaveSpeed", "WaveSpeed")
+        page.locator("#api-key input").fill(TYPED_KEY)
+        page.locator("#generate").click()
+        page.locator("#status").get_by_text("Generating the video").wait_for(timeout=JOB_TIMEOUT_MS)
+        request_id = page.locator("#request-id").locator("input, textarea").first.input_value()
+        assert request_id
+        page.close()  # the tab closes mid-job
+
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(url)
+        page.locator("#generate").wait_for()
+        page.get_by_role("tab", name="History").click()
+        deadline = time.monotonic() + JOB_TIMEOUT_MS / 1000
+        while not re.search(rf"done\s+{re.escape(request_id)}", _history_text(page)):
+            assert time.monotonic() < deadline, _history_text(page)
+            page.wait_for_timeout(500)
+            page.locator("#history-refresh").click()
+        assert "WaveSpeed" in _history_text(page) and "Only you can see them" in page.locator("#history-note").inner_text()
+        page.locator("#history-gallery video").first.wait_for(state="attached")
+        assert "Traceback" not in page.content()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "history_tab.png"), full_page=True)
+    finally:
+        context.close()
+
+    stranger, other = _open(browser, url)
+    try:
+        other.get_by_role("tab", name="History").click()
+        other.locator("#history-note").get_by_text("No jobs yet").wait_for()
+        assert request_id not in other.content()
+    finally:
+        stranger.close()
