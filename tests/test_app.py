@@ -371,3 +371,15 @@ def test_two_sessions_each_see_only_their_own_history(served):
     (row,) = [j for j in alice.predict(api_name="/history") if j["request_id"] == ids["alice"]]
     assert set(row) >= {"provider", "request_id", "tier", "status", "estimated_cost_usd", "audio_seconds", "video"}
     assert "http" not in str(row.get("video"))
+
+
+def test_the_readme_client_example_runs_as_written(served, monkeypatch, capsys):
+    readme = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    api = readme[readme.index("## API"):]
+    code = api[api.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    assert 'Client("http://127.0.0.1:7860/")' in code
+    monkeypatch.chdir(EXAMPLES.parent)
+    exec(compile(code.replace("http://127.0.0.1:7860/", served.url), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "### Done in" in out and "'status': 'completed'" in out
