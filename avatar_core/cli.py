@@ -108,7 +108,7 @@ async def _generate(args, settings) -> int:
     version = args.version
     prepared = await asyncio.to_thread(
         prepare_inputs, args.image, args.audio, provider=args.provider, tier=args.tier,
-        version=version or "v1", settings=settings, trim_silence=args.trim_silence,
+        version=version, settings=settings, trim_silence=args.trim_silence,
     )
     for warning in prepared.warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -116,8 +116,6 @@ def test_cli_generate_against_the_emulator(emu, inputs, tmp_path, provider):
         assert secret not in proc.stdout + proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="cli._generate passes version 'v1' to prepare_inputs when --version is "
-                                       "omitted; Replicate has only v2 (fix: pass version=version)")
 def test_cli_replicate_without_version(emu, inputs, tmp_path):
     emu.reset()
     image, audio = inputs
