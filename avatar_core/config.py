@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from dotenv import dotenv_values
 
@@ -90,6 +90,27 @@ PROVIDER_KEYS: Mapping[str, tuple[str, ...]] = {
     "kling": ("kling_access_key", "kling_secret_key"),
     "local": (),
 }
+
+
+def redact(text: str, secrets: "Sequence[str | None]") -> str:
+    """``text`` with every secret (4+ characters) replaced by ****, longest first."""
+    for secret in sorted((x for x in secrets if x and len(x) >= 4), key=len, reverse=True):
+        text = text.replace(secret, "****")
+    return text
+
+
+def key_values(settings: "Settings") -> list[str]:
+    """Every configured key, for redaction; a key made of two parts (fal.ai's ``id:secret``,
+    a user's Kling ``ACCESS:SECRET``) also by each part, so an echo of either half is caught."""
+    out: list[str] = []
+    for names in PROVIDER_KEYS.values():
+        for name in names:
+            value = getattr(settings, name).get()
+            if value:
+                out.append(value)
+                if ":" in value:
+                    out += [part.strip() for part in value.split(":") if part.strip()]
+    return out
 
 
 @dataclass(frozen=True)

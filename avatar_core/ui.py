@@ -32,7 +32,7 @@ from typing import Any, AsyncIterator, Mapping, Sequence
 
 import gradio as gr
 
-from .config import PROVIDER_KEYS, Settings, load_settings
+from .config import Settings, key_values, load_settings, redact
 from .errors import AvatarError, InputError
 from .events import (
     Done,
@@ -150,23 +150,9 @@ def md_escape(text: str) -> str:
     return _MD_SPECIAL.sub(r"\\\1", str(text))
 
 
-def redact(text: str, secrets: Sequence[str | None]) -> str:
-    """``text`` with every secret (4+ characters) replaced by ****."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "****")
-    return text
-
-
 def configured_secrets(settings: Settings) -> list[str]:
-    """The server's own keys, for redaction."""
-    out = []
-    for names in PROVIDER_KEYS.values():
-        for name in names:
-            value = getattr(settings, name).get()
-            if value:
-                out.append(value)
-    return out
+    """The server's own keys (and the halves of two-part keys), for redaction."""
+    return key_values(settings)
 
 
 # The user key(s) of the request being served, so log records can be scrubbed of them.
