@@ -70,6 +70,7 @@ from .providers.base import (
     SubmitRequest,
     default_version,
     model_id,
+    shared_ssl_context,
 )
 
 log = logging.getLogger("avatar_core.jobs")
@@ -528,7 +529,7 @@ async def _download_once(ctx: _Context, url: str, dest: Path) -> AsyncIterator[J
     part = dest.with_name(dest.name + ".part")
     # A separate client with no provider headers: the video host never sees the API key.
     async with httpx.AsyncClient(transport=ctx.transport, timeout=httpx.Timeout(60.0, connect=10.0),
-                                 follow_redirects=True) as client:
+                                 follow_redirects=True, verify=shared_ssl_context()) as client:
         try:
             async with client.stream("GET", url) as response:
                 if response.status_code in (401, 403, 404, 410):
