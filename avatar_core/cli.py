@@ -62,6 +62,39 @@ def _status_key(event: JobEvent) -> tuple:
 
 
 _submitted: dict[str, str] = {}
+# The configured keys (and both halves of ACCESS:SECRET-style keys), scrubbed from every
+# line this command prints or logs: a provider may echo a key back in an error message.
+_secrets: list[str] = []
+
+
+def _collect_secrets(settings) -> list[str]:
+    from .config import PROVIDER_KEYS
+
+    out: list[str] = []
+    for names in PROVIDER_KEYS.values():
+        for name in names:
+            value = getattr(settings, name).get()
+            out += [value, *(p.strip() for p in value.split(":"))] if value else []
+    return sorted({s for s in out if len(s) >= 4}, key=len, reverse=True)
+
+
+def _scrub(text: str) -> str:
+    for secret in _secrets:
+        text = text.replace(secret, "****")
+    return text
+
+
+class _ScrubLog(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = _scrub(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = _scrub(record.exc_text)
+        return True
 
 
 async def _print_events(events: AsyncIterator[JobEvent], out: Path | None) -> int:
@@ -71,11 +104,11 @@ async def _print_events(events: AsyncIterator[JobEvent], out: Path | None) -> in
             _submitted.update(provider=event.provider, request_id=event.request_id)
         key = _status_key(event)
         if isinstance(event, FailedEvent):
-            print(f"error: {event.message}", file=sys.stderr)
+            print(_scrub(f"error: {event.message}"), file=sys.stderr)
             return EXIT_FAILED
         if key != last:
             if not isinstance(event, Done):
-                print(f"[{event.elapsed:6.1f}s] {describe(event)}", flush=True)
+                print(_scrub(f"[{event.elapsed:6.1f}s] {describe(event)}"), flush=True)
             last = key
         if isinstance(event, Done):
             path = event.path
@@ -111,7 +144,7 @@ async def _generate(args, settings) -> int:
         version=version, settings=settings, trim_silence=args.trim_silence,
     )
     for warning in prepared.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(_scrub(f"warning: {warning}"), file=sys.stderr)
     cost = prepared.cost
     price = "unknown" if cost.usd is None else f"${cost.usd:.2f}"
     print(f"inputs ok: image {prepared.image.width}x{prepared.image.height}, {len(prepared.image.faces)} face(s); "
@@ -201,13 +234,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         settings = load_settings()
+        _secrets[:] = _collect_secrets(settings)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_ScrubLog())
         if args.command == "generate":
             return asyncio.run(_generate(args, settings))
         if args.command == "history":
             return _history(args, settings)
         return asyncio.run(_resume(args, settings))
     except AvatarError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(_scrub(f"error: {exc}"), file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         if _submitted:

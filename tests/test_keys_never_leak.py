@@ -401,3 +401,27 @@ def test_two_visitors_at_once_each_reach_the_provider_with_their_own_key(tmp_pat
         with sqlite3.connect(db) as conn:
             dump = "\n".join(conn.iterdump())
         assert dump.count("wavespeed") >= 6 and key_a not in dump and key_b not in dump
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize("provider", ["wavespeed", "fal", "kling"])
+@pytest.mark.parametrize("case", ["401", "500-burst", "job-failed"])
+def test_the_cli_never_prints_a_key(tmp_path, inputs, provider, case):
+    key = SERVER_KEYS[provider]
+    with Emulator(queue_s=0.1, processing_s=0.3, video_maker=tone_video_maker, api_keys={provider: key}) as emu:
+        _name, faults, plans = next(c for c in failure_cases(provider, key) if c[0] == case)
+        emu.faults.add(*faults) if faults else None
+        emu.plan_jobs(*plans) if plans else None
+        env = {k: v for k, v in os.environ.items() if not k.endswith(("_KEY", "_TOKEN"))}
+        env.update({"PYTHONPATH": str(ROOT), "AVATAR_OUTPUT_DIR": str(tmp_path / "out"), "AVATAR_POLL_TYPICAL_S": "1",
+                    **_base_urls({p: emu for p in PROVIDERS}), **SERVER_ENV[provider]})
+        proc = subprocess.run([sys.executable, "-m", "avatar_core", "generate", "--provider", provider,
+                               "--image", str(inputs[0]), "--audio", str(inputs[1])], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == (0 if case in SURVIVED else 1), proc.stderr
+    assert "Invalid credentials" in proc.stderr or case in SURVIVED  # the provider's echo did reach the CLI
+    wire = {r.header("authorization").split(" ", 1)[-1] for r in emu.requests if r.header("authorization")}
+    for s in secrets_of(key) + sorted(wire):
+        assert s not in proc.stdout + proc.stderr, f"{s!r} printed by the CLI"
