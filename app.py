@@ -21,6 +21,7 @@ import gradio as gr  # noqa: E402
 
 from avatar_core import ui  # noqa: E402
 from avatar_core.config import Settings, load_settings  # noqa: E402
+from avatar_core.guard import auth_credentials  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES_DIR = HERE / "examples"
@@ -54,14 +55,15 @@ CSS = """
 """
 
 
-def build_demo(settings: Settings | None = None, *, store=None) -> gr.Blocks:
-    """The app. ``settings`` default to the environment; ``store`` to the job history file."""
+def build_demo(settings: Settings | None = None, *, store=None, host: str | None = None) -> gr.Blocks:
+    """The app. ``settings`` default to the environment; ``store`` to the job history file;
+    ``host`` (the address it will listen on) to GRADIO_SERVER_NAME or 127.0.0.1."""
     settings = settings or load_settings()
     if store is None:
         store = ui.open_job_store(settings)
     ui.startup_upkeep(store, settings)
-    h = ui.Handlers(settings, store=store)
-    provider_choices, default_provider = ui.provider_dropdown(settings)
+    h = ui.Handlers(settings, store=store, host=host)
+    provider_choices, default_provider = ui.provider_dropdown(settings, h.server_keys_open)
     version_choices, default_version = ui.version_dropdown(default_provider)
 
     with gr.Blocks(title="Talking Avatar — Kling AI Avatar") as demo:
@@ -121,7 +123,7 @@ def build_demo(settings: Settings | None = None, *, store=None) -> gr.Blocks:
                         provider = gr.Dropdown(
                             provider_choices, value=default_provider, label="3 · Where to make it", elem_id="provider",
                         )
-                        provider_info = gr.Markdown(ui.provider_note(default_provider, settings), elem_id="provider-note")
+                        provider_info = gr.Markdown(ui.provider_note(default_provider, settings, h.server_keys_open), elem_id="provider-note")
                         tier = gr.Radio(
                             [(label, t) for t, label in ui.TIER_LABELS.items()], value="standard", label="Quality",
                             elem_id="tier",
@@ -274,6 +276,9 @@ def launch(demo: gr.Blocks, settings: Settings | None = None, **overrides):
         "allowed_paths": [str(Path(settings.output_dir).resolve()), str(EXAMPLES_DIR)],
         # The output folder also holds the job history and the visitor-id key: never served.
         "blocked_paths": ui.private_files(settings),
+        # Optional login page (AVATAR_AUTH); signed-in users may use the server's keys.
+        "auth": auth_credentials(settings),
+        "auth_message": "Sign in to make videos with this server's keys.",
         **overrides,
     }
     return demo.launch(**options)

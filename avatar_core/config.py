@@ -110,6 +110,8 @@ def key_values(settings: "Settings") -> list[str]:
                 out.append(value)
                 if ":" in value:
                     out += [part.strip() for part in value.split(":") if part.strip()]
+    # Login passwords (AVATAR_AUTH) are secrets too.
+    out += [password for _user, password in parse_auth(settings.auth.get())]
     return out
 
 

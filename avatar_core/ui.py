@@ -201,19 +201,23 @@ def short_label(provider: str) -> str:
     return "Local preview" if provider == "local" else LABELS.get(provider, provider)
 
 
-def provider_label(info: ProviderInfo) -> str:
-    """The dropdown label: what the provider is and whether it can run right now."""
+def provider_label(info: ProviderInfo, server_keys: bool = True) -> str:
+    """The dropdown label: what the provider is and whether it can run right now.
+
+    ``server_keys``: whether this visitor may use the server's keys (see guard.py).
+    """
     if info.offline:
         return "Local preview (offline, not Kling output)"
-    return f"{info.label} — {'key ready' if info.has_key else 'needs your API key'}"
+    ready = info.has_key and server_keys
+    return f"{info.label} — {'key ready' if ready else 'needs your API key'}"
 
 
-def provider_dropdown(settings: Settings) -> tuple[list[tuple[str, str]], str]:
+def provider_dropdown(settings: Settings, server_keys: bool = True) -> tuple[list[tuple[str, str]], str]:
     """(label, id) choices for the providers this install can run, and the default."""
     infos = [i for i in provider_choices(settings) if i.available]
     ids = [i.id for i in infos]
-    default = default_provider(settings)
-    return [(provider_label(i), i.id) for i in infos], default if default in ids else ids[0]
+    default = default_provider(settings) if server_keys else "local"
+    return [(provider_label(i, server_keys), i.id) for i in infos], default if default in ids else ids[0]
 
 
 def hosted_provider_ids(settings: Settings) -> list[str]:
@@ -221,7 +225,7 @@ def hosted_provider_ids(settings: Settings) -> list[str]:
     return [i.id for i in provider_choices(settings) if i.available and not i.offline]
 
 
-def provider_note(provider: str, settings: Settings) -> str:
+def provider_note(provider: str, settings: Settings, server_keys: bool = True) -> str:
     """One or two sentences under the provider choice, in plain words."""
     if provider == "local":
         return (
@@ -229,6 +233,9 @@ def provider_note(provider: str, settings: Settings) -> str:
             "portrait with your voice, to check inputs and timing. It is *not* Kling output."
         )
     label = LABELS.get(provider, provider)
+    if settings.has_key(provider) and not server_keys:
+        return (f"**{label}**: this server's key is only for signed-in users. Paste your own {label} API key "
+                "below to use it.")
     if settings.has_key(provider):
         return f"**{label}** runs Kling AI Avatar with this server's key. You can use your own key instead."
     need = KEY_NAMES.get(provider, "an API key")
@@ -478,6 +485,10 @@ def ensure_visitor(stored: Any) -> tuple[str, str]:
     """
     vid = stored if isinstance(stored, str) and VISITOR_ID.fullmatch(stored) else new_visitor_id()
     return vid, vid
+
+
+# Whose limits a job counts against when code calls the handlers without a web request.
+DIRECT_CALLER = "direct-call"
 
 
 def owner_for(request: Any, visitor: Any = None) -> str | None:
@@ -846,17 +857,29 @@ class Handlers:
     ``store`` is the job history (``avatar_core.store.JobStore``) or None.
     """
 
-    def __init__(self, settings: Settings | None = None, *, store: Any = None) -> None:
+    def __init__(self, settings: Settings | None = None, *, store: Any = None, guard: Any = None,
+                 host: str | None = None) -> None:
+        from .guard import Guard
+
         self.settings = settings or load_settings()
         self.store = store
         self.running = RunningJobs()
+        # Where the app listens decides whether anonymous visitors may spend the server's keys.
+        self.guard = guard or Guard(self.settings, store, host=host or launch_options()["server_name"])
+
+    @property
+    def server_keys_open(self) -> bool:
+        """Whether every visitor may use the server's keys (anonymous use allowed, or all must log in)."""
+        from .guard import auth_credentials
+
+        return self.guard.anonymous_may_use_server_keys or auth_credentials(self.settings) is not None
 
     # -- choices
 
     def provider_changed(self, provider: str) -> tuple[Any, str]:
         """New version choices and the note under the provider."""
         choices, value = version_dropdown(provider)
-        return gr.update(choices=choices, value=value), provider_note(provider, self.settings)
+        return gr.update(choices=choices, value=value), provider_note(provider, self.settings, self.server_keys_open)
 
     def cost(self, provider: str, tier: str, version: str, seconds: float | None) -> str:
         return cost_markdown(provider, tier, version or None, seconds)
@@ -924,7 +947,8 @@ class Handlers:
         """
         board = StatusBoard(provider=provider or "local", tier=tier or "standard")
         inner = self._generate(board, image, audio, provider, tier, prompt, (api_key or "").strip() or None,
-                               version, image_url, audio_url, trim_silence, owner_for(request, visitor))
+                               version, image_url, audio_url, trim_silence, owner_for(request, visitor),
+                               bool(getattr(request, "username", None)))
         async for status, rid, video, job in self._keep_keys_out(api_key, board, inner, 4):
             yield status, rid, video, job
 
@@ -956,7 +980,7 @@ class Handlers:
                 pass
 
     async def _generate(self, board, image, audio, provider, tier, prompt, key, version, image_url, audio_url,
-                        trim_silence, owner):
+                        trim_silence, owner, logged_in):
         from .jobs import run_job
         from .media.inputs import prepare_inputs
 
@@ -992,12 +1016,29 @@ class Handlers:
         hosted = provider != "local"
         image_in = prepared.image.source_url if hosted and prepared.image.passthrough_ok else prepared.image.path
         audio_in = prepared.audio.source_url if hosted and prepared.audio.passthrough_ok else prepared.audio.path
-        jobs = run_job(
-            provider, image_in, audio_in, tier=tier, version=version, prompt=prompt or "",
-            settings=self.settings, api_key=key, store=self.store, owner=owner,
-            audio_seconds=prepared.audio.duration_s, estimated_cost_usd=prepared.cost.usd,
-        )
-        job = self.running.start(jobs, owner=owner)
+        from .guard import LimitReached
+
+        try:
+            # Before anything is uploaded: may this visitor start a job, on whose key, within budget?
+            ticket = await asyncio.to_thread(
+                self.guard.admit, owner or DIRECT_CALLER, provider=provider, uses_server_key=key is None,
+                estimated_cost_usd=prepared.cost.usd, logged_in=logged_in,
+            )
+        except LimitReached as exc:
+            yield frame(board.failed(exc.message))
+            return
+        try:
+            # The ticket lives as long as the job is driven (watched or not), so closing
+            # the page does not free a visitor's slot while their job still runs.
+            jobs = ticket.watch(run_job(
+                provider, image_in, audio_in, tier=tier, version=version, prompt=prompt or "",
+                settings=self.settings, api_key=key, store=self.store, owner=owner,
+                audio_seconds=prepared.audio.duration_s, estimated_cost_usd=prepared.cost.usd,
+            ))
+            job = self.running.start(jobs, owner=owner)
+        except BaseException:
+            ticket.close()
+            raise
         events = job.follow()
         try:
             async for event in events:

@@ -1,0 +1,169 @@
+"""Money on a public deployment, as visitors meet it: gradio_client against a live app.
+
+The app holds a WaveSpeed key (the emulator's) and is told it listens on a public
+address, as on a Space. Asserts the words visitors read and what reached the provider.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+
+import app
+from avatar_core.config import load_settings
+from avatar_core.emulator import Emulator, JobPlan, tone_video_maker
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+IMAGE, AUDIO = EXAMPLES / "portrait.jpg", EXAMPLES / "voice.mp3"
+SERVER_KEY = "ws-server-key-Guard-81x"
+USER_KEY = "ws-visitor-own-key-33q"
+TIMEOUT_S = 60
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Deployment:
+    def __init__(self, url, emu, out_dir):
+        self.url, self.emu, self.out_dir = url, emu, out_dir
+
+
+def _deploy(tmp_path, emu, host, **env_extra):
+    env = {
+        "WAVESPEED_BASE_URL": emu.url, "WAVESPEED_API_KEY": SERVER_KEY,
+        "AVATAR_OUTPUT_DIR": str(tmp_path), "AVATAR_POLL_TYPICAL_S": "1", **env_extra,
+    }
+    settings = load_settings(env=env, dotenv_path=None)
+    demo = app.build_demo(settings, host=host)
+    port = _free_port()
+    # Bound to loopback for the test; the app is told it serves `host` (a Space binds 0.0.0.0).
+    app.launch(demo, settings, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    return demo, f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="module")
+def emu():
+    with Emulator(queue_s=0.2, processing_s=0.8, video_maker=tone_video_maker,
+                  api_keys={"wavespeed": [SERVER_KEY, USER_KEY]}) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def public(tmp_path, emu):
+    emu.reset()
+    demo, url = _deploy(tmp_path, emu, "0.0.0.0", AVATAR_MAX_CONCURRENT_PER_VISITOR="1",
+                        AVATAR_MAX_DAILY_JOBS_PER_VISITOR="3")
+    try:
+        yield Deployment(url, emu, tmp_path)
+    finally:
+        demo.close()
+
+
+def _generate(client, **params):
+    return client.submit(image=handle_file(str(IMAGE)), audio=handle_file(str(AUDIO)), api_name="/generate",
+                         **{"provider": "wavespeed", "tier": "standard", "prompt": "", "api_key": "", **params})
+
+
+def test_on_a_public_address_anonymous_visitors_cannot_spend_the_servers_key(public):
+    client = Client(public.url, verbose=False)
+    status, request_id, video = _generate(client).result(timeout=TIMEOUT_S)
+    assert "This server's keys are not open to visitors here." in status, status
+    assert "your own WaveSpeed API key" in status and video is None and not request_id
+    assert public.emu.requests.to("POST", r".*") == [], "nothing may reach the provider"
+    # The page says so before anyone tries.
+    import httpx
+
+    config = httpx.get(public.url + "config", timeout=10).json()
+    props = {c["props"].get("elem_id"): c["props"] for c in config["components"] if c.get("props")}
+    assert "only for signed-in users" in props["provider-note"]["value"] or props["provider"]["value"] == "local"
+    labels = [c[0] for c in props["provider"]["choices"]]
+    assert any(label.startswith("WaveSpeed") and "needs your API key" in label for label in labels)
+
+
+def test_with_their_own_key_visitors_can_and_only_their_key_is_used(public):
+    client = Client(public.url, verbose=False)
+    status, request_id, video = _generate(client, api_key=USER_KEY).result(timeout=TIMEOUT_S)
+    assert "Done in" in status and video
+    submits = public.emu.requests.to("POST", r"^/api/v3/kwaivgi/")
+    assert len(submits) == 1 and submits[0].header("authorization") == f"Bearer {USER_KEY}"
+
+
+def test_one_visitor_cannot_run_more_jobs_at_once_than_allowed(public):
+    client = Client(public.url, verbose=False)
+    public.emu.plan_jobs(JobPlan(processing_s=4.0))
+    first = _generate(client, api_key=USER_KEY)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not any("Generating the video" in o[0] for o in first.outputs()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    status, _, video = _generate(client, api_key=USER_KEY).result(timeout=TIMEOUT_S)
+    assert "You already have 1 video in progress; wait for one to finish." in status
+    assert video is None
+    # Another visitor is not affected.
+    other = Client(public.url, verbose=False)
+    assert "Done in" in _generate(other, api_key=USER_KEY).result(timeout=TIMEOUT_S)[0]
+    assert "Done in" in first.result(timeout=TIMEOUT_S)[0]
+    assert len(public.emu.requests.to("POST", r"^/api/v3/kwaivgi/")) == 2
+
+
+def test_the_daily_job_limit_stops_the_fourth_job(public):
+    client = Client(public.url, verbose=False)
+    for _ in range(3):
+        assert "Done in" in _generate(client, api_key=USER_KEY).result(timeout=TIMEOUT_S)[0]
+    status, _, video = _generate(client, api_key=USER_KEY).result(timeout=TIMEOUT_S)
+    assert "3 videos today" in status and "00:00 UTC" in status and video is None
+    assert len(public.emu.requests.to("POST", r"^/api/v3/kwaivgi/")) == 3
+
+
+def test_the_daily_budget_of_the_servers_keys_is_enforced(tmp_path, emu):
+    emu.reset()
+    # Anonymous use allowed by the owner, with a budget of one standard 5 s job ($0.25 each,
+    # the example clip is 6.5 s -> $0.50), so the second job would pass the cap.
+    demo, url = _deploy(tmp_path, emu, "0.0.0.0", AVATAR_ALLOW_ANONYMOUS_SERVER_KEYS="true",
+                        AVATAR_DAILY_SPEND_CAP_USD="0.75")
+    try:
+        client = Client(url, verbose=False)
+        assert "Done in" in _generate(client).result(timeout=TIMEOUT_S)[0]
+        status, _, video = _generate(Client(url, verbose=False)).result(timeout=TIMEOUT_S)
+        assert "daily budget" in status and "$0.75" in status and "own API key" in status and video is None
+        submits = emu.requests.to("POST", r"^/api/v3/kwaivgi/")
+        assert len(submits) == 1 and submits[0].header("authorization") == f"Bearer {SERVER_KEY}"
+        # A visitor's own key is not bound by the server's budget.
+        assert "Done in" in _generate(client, api_key=USER_KEY).result(timeout=TIMEOUT_S)[0]
+    finally:
+        demo.close()
+
+
+def test_signed_in_users_may_use_the_servers_keys(tmp_path, emu):
+    emu.reset()
+    demo, url = _deploy(tmp_path, emu, "0.0.0.0", AVATAR_AUTH="ann:correct-horse-9")
+    try:
+        with pytest.raises(Exception):
+            Client(url, verbose=False)  # no login, no app
+        client = Client(url, auth=("ann", "correct-horse-9"), verbose=False)
+        status, request_id, _ = _generate(client).result(timeout=TIMEOUT_S)
+        assert "Done in" in status
+        submits = emu.requests.to("POST", r"^/api/v3/kwaivgi/")
+        assert len(submits) == 1 and submits[0].header("authorization") == f"Bearer {SERVER_KEY}"
+        assert request_id in {j["request_id"] for j in client.predict(api_name="/history")}
+    finally:
+        demo.close()
+
+
+def test_on_loopback_the_servers_key_just_works(tmp_path, emu):
+    emu.reset()
+    demo, url = _deploy(tmp_path, emu, "127.0.0.1")
+    try:
+        status, _, video = _generate(Client(url, verbose=False)).result(timeout=TIMEOUT_S)
+        assert "Done in" in status and video
+    finally:
+        demo.close()
