@@ -25,6 +25,7 @@ from PIL import Image
 from skimage import data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from avatar_core.render import render_video  # noqa: E402
 
@@ -152,7 +153,12 @@ def bench_render(tmp: Path, tier: str, size: tuple[int, int]) -> tuple[str, str,
     )
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="also write the summary figures here (for run_all.py)")
+    args = parser.parse_args(argv)
     started = time.perf_counter()
     print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.2f}")
     rows = []
@@ -169,6 +175,18 @@ def main() -> int:
     for row in rows:
         print(line.format(*row))
     print(f"total {time.perf_counter() - started:.0f} s, load average after: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        from _support import write_figures
+
+        image_s = float(rows[0][1].split()[0])
+        probe_ms = float(rows[1][1].split()[0])
+        speed = {tier: float(row[1].split("x")[0]) for tier, row in (("standard", rows[2]), ("pro", rows[3]))}
+        write_figures(args.json, [
+            ("inputs", "12 MP JPEG image check", rows[0][1], "< 2 s", image_s < 2.0),
+            ("inputs", "5-min MP3 probe", rows[1][1], "< 1 s", probe_ms < 1000.0),
+            ("renderer", "local preview, standard 720p", rows[2][1], f">= {RENDER_TARGET:g}x", speed["standard"] >= RENDER_TARGET),
+            ("renderer", "local preview, pro 1080p", rows[3][1], "(none set)", None),
+        ])
     return 0
 
 
