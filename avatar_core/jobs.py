@@ -34,7 +34,7 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 
-from .config import Settings, load_settings
+from .config import Settings, key_values, load_settings, redact
 from .errors import (
     AvatarError,
     InputError,
@@ -113,6 +113,9 @@ class _Context:
     last_status: str | None = None
     finished: bool = False
     extra: dict = field(default_factory=dict)
+    # The keys this job runs with, so a provider that echoes one back in an error cannot
+    # get it into the user's message, the log or the store.
+    secrets: tuple[str, ...] = ()
 
     def elapsed(self) -> float:
         return self.clock() - self.start
@@ -165,6 +168,7 @@ async def run_job(
         yield _failed_event(exc, provider, None, 0.0)
         return
     ctx = _make_context(provider_obj, settings, store, owner, clock, sleep, transport, tier, out_path, schedule)
+    ctx.secrets = _job_secrets(settings, provider, api_key)
     ctx.extra["names"] = (input_names[0] or _display_name(image), input_names[1] or _display_name(audio))
     drive = _drive(ctx, _new_job(ctx, image, audio, tier, version, model, prompt, audio_seconds, estimated_cost_usd))
     try:
@@ -212,6 +216,7 @@ async def resume(
         return
     tier = tier or getattr(record, "tier", None) or "standard"
     ctx = _make_context(provider_obj, settings, store, owner, clock, sleep, transport, tier, out_path, schedule)
+    ctx.secrets = _job_secrets(settings, provider, api_key)
     if record is not None and getattr(record, "created_at", None):
         ctx.start -= max(0.0, time.time() - float(record.created_at))
     ctx.handle = JobHandle(provider, request_id, getattr(record, "model", None))
@@ -259,6 +264,13 @@ def clean_prompt(prompt: str | None) -> str:
 # ------------------------------------------------------------------------- the stages
 
 
+def _job_secrets(settings: Settings, provider: str, api_key: str | None) -> tuple[str, ...]:
+    try:
+        return tuple(key_values(settings.with_key(provider, api_key)))
+    except AvatarError:  # a malformed user key: the provider was never made with it
+        return tuple(key_values(settings))
+
+
 def _make_context(provider_obj, settings, store, owner, clock, sleep, transport, tier, out_path, schedule):
     typical = settings.poll_typical_s
     if typical is None and store is not None:
@@ -301,6 +313,7 @@ async def _guarded(ctx: _Context, stages: AsyncIterator[JobEvent]) -> AsyncItera
     except AvatarError as exc:
         if ctx.handle is not None and exc.request_id is None:
             exc.request_id = ctx.handle.request_id
+        exc.message = redact(exc.message, ctx.secrets)
         _record_end(ctx, exc)
         yield _failed_event(exc, ctx.provider.name, ctx.handle.request_id if ctx.handle else None, ctx.elapsed())
     except Exception as exc:  # a bug of ours: keep the job findable, show no traceback
