@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import AsyncIterator, Sequence
 
-from .config import load_settings
+from .config import key_values, load_settings, redact
 from .errors import AvatarError
 from .events import Done, Downloading, FailedEvent, JobEvent, ProcessingEvent, QueuedEvent, Submitted, Uploading
 from .providers.base import PROVIDER_IDS, TIERS, VERSIONS
@@ -67,21 +67,8 @@ _submitted: dict[str, str] = {}
 _secrets: list[str] = []
 
 
-def _collect_secrets(settings) -> list[str]:
-    from .config import PROVIDER_KEYS
-
-    out: list[str] = []
-    for names in PROVIDER_KEYS.values():
-        for name in names:
-            value = getattr(settings, name).get()
-            out += [value, *(p.strip() for p in value.split(":"))] if value else []
-    return sorted({s for s in out if len(s) >= 4}, key=len, reverse=True)
-
-
 def _scrub(text: str) -> str:
-    for secret in _secrets:
-        text = text.replace(secret, "****")
-    return text
+    return redact(text, _secrets)
 
 
 class _ScrubLog(logging.Filter):
@@ -234,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         settings = load_settings()
-        _secrets[:] = _collect_secrets(settings)
+        _secrets[:] = key_values(settings)
         for handler in logging.getLogger().handlers:
             handler.addFilter(_ScrubLog())
         if args.command == "generate":

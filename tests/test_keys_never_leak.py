@@ -78,19 +78,6 @@ READ = {
     "replicate": r"^/v1/predictions/",
     "kling": r"^/v1/videos/avatar/image2video/",
 }
-# Known leaks, each with the fix proposed in docs/SECURITY.md ("Keys"); strict, so a fix flips them.
-FAL_HALVES = pytest.mark.xfail(strict=True, reason=(
-    "ui.configured_secrets redacts a server FAL_KEY 'id:secret' only whole, not its halves, so a provider "
-    "message echoing either half reaches the status panel and the log"))
-STORE_ERROR = pytest.mark.xfail(strict=True, reason=(
-    "jobs._record_end stores str(exc) verbatim in the jobs.error column: a provider failure message that echoes "
-    "the key is written to the store"))
-
-
-def _marked(mark, providers=PROVIDERS, only=None):
-    return [pytest.param(p, marks=mark) if only is None or p in only else p for p in providers]
-
-
 CREDITS_STATUS = {"segmind": 406}  # the others answer 402 Payment Required
 MAX_VIDEO_MB = 1  # the "huge video" case sends 3 MB
 DEADLINE_S = 6  # the "timeout" case processes for a minute
@@ -314,7 +301,7 @@ def test_every_case_ran_and_used_the_intended_key(matrix):
     assert kling_tokens and all(t.startswith("Bearer ey") for t in kling_tokens)
 
 
-@pytest.mark.parametrize("provider", _marked(FAL_HALVES, only={"fal"}))
+@pytest.mark.parametrize("provider", PROVIDERS)
 def test_no_key_in_what_callers_were_shown(matrix, provider):
     secrets = _all_secrets(provider) + sorted(matrix.wire_credentials)
     for run in matrix.runs:
@@ -323,7 +310,7 @@ def test_no_key_in_what_callers_were_shown(matrix, provider):
             assert s not in text, f"{s!r} shown to the caller in {run.provider}/{run.mode}/{run.case}"
 
 
-@pytest.mark.parametrize("provider", _marked(FAL_HALVES, only={"fal"}))
+@pytest.mark.parametrize("provider", PROVIDERS)
 def test_no_key_in_the_app_log(matrix, provider):
     log = matrix.log_path.read_text(errors="replace")
     assert "DEBUG" in log and "avatar_core" in log, "the log was not captured at DEBUG"
@@ -331,7 +318,7 @@ def test_no_key_in_the_app_log(matrix, provider):
         assert s not in log, f"{s!r} in the app's output: ...{log[max(0, log.find(s) - 300):log.find(s) + 100]}"
 
 
-@pytest.mark.parametrize("provider", _marked(STORE_ERROR))
+@pytest.mark.parametrize("provider", PROVIDERS)
 def test_no_key_in_the_job_store(matrix, provider):
     dump, raw = _store_text(matrix.out_dir)
     assert provider in dump  # the runs left rows
