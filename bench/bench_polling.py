@@ -165,14 +165,14 @@ def summarise(results: list[dict]) -> tuple[list[list], list[str], bool]:
         ratio = main["reads"] / stats["standard + pro", BASELINE]["reads"]
         two = stats["standard + pro", "fixed 2.0 s"]
         figures += [
-            ("noticing", "median notice delay (adaptive | 1.0 s | 2.0 s)",
-             f"{main['median']:.2f} | {stats['standard + pro', BASELINE]['median']:.2f} | {two['median']:.2f} s",
+            ("noticing", "median notice delay (adaptive / 1.0 s / 2.0 s)",
+             f"{main['median']:.2f} / {stats['standard + pro', BASELINE]['median']:.2f} / {two['median']:.2f} s",
              f"<= {MEDIAN_TARGET_S:g} s", main["median"] <= MEDIAN_TARGET_S),
-            ("noticing", "p95 notice delay (adaptive | 1.0 s | 2.0 s)",
-             f"{main['p95']:.2f} | {stats['standard + pro', BASELINE]['p95']:.2f} | {two['p95']:.2f} s",
+            ("noticing", "p95 notice delay (adaptive / 1.0 s / 2.0 s)",
+             f"{main['p95']:.2f} / {stats['standard + pro', BASELINE]['p95']:.2f} / {two['p95']:.2f} s",
              f"<= {P95_TARGET_S:g} s", main["p95"] <= P95_TARGET_S),
-            ("noticing", "status reads per job (adaptive | 1.0 s | 2.0 s)",
-             f"{main['reads']:.0f} | {stats['standard + pro', BASELINE]['reads']:.0f} | {two['reads']:.0f} "
+            ("noticing", "status reads per job (adaptive / 1.0 s / 2.0 s)",
+             f"{main['reads']:.0f} / {stats['standard + pro', BASELINE]['reads']:.0f} / {two['reads']:.0f} "
              f"({ratio:.0%} of 1.0 s)", f"<= {READS_TARGET_RATIO:.0%} of 1.0 s", ratio <= READS_TARGET_RATIO),
         ]
         for text, good in (
