@@ -86,7 +86,7 @@ def build_demo(settings: Settings | None = None, *, store=None, host: str | None
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=1, min_width=300):
                         with gr.Group():
-                            image = gr.Image(
+                            image = ui.CheckedImage(
                                 label="1 · Portrait", type="filepath", sources=["upload", "clipboard"], height=300,
                                 elem_id="image-input",
                             )

@@ -667,6 +667,28 @@ def pick_source(upload: str | None, url: str | None) -> str | None:
 
 # ----------------------------------------------------------------------------- small UI pieces
 
+
+class CheckedImage(gr.Image):
+    """``gr.Image`` whose uploads always reach the app's own checks.
+
+    Gradio opens an uploaded image with Pillow before any handler runs; a file Pillow
+    refuses (a decompression bomb, say) would end in Gradio's bare "Error" instead of our
+    message that says what is wrong and what to do. With ``type="filepath"`` the file
+    is handed on as it is and :func:`avatar_core.media.inputs.check_image` judges it.
+    """
+
+    is_template = True  # the browser side is the stock Image component
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except Exception:  # noqa: BLE001 - judged by our checks instead
+            path = getattr(payload, "path", None)
+            if self.type == "filepath" and path:
+                return str(path)
+            raise
+
+
 IDLE_STATUS = "Add a portrait and a voice clip, then press **Generate video**. Progress shows here."
 
 

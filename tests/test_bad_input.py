@@ -389,11 +389,8 @@ def launched(tmp_path_factory, files):
         demo.close()
 
 
-BOMB_IN_GRADIO = pytest.mark.xfail(strict=True, reason=(
-    "gr.Image preprocesses an upload with Pillow before the app sees it: a decompression bomb raises "
-    "DecompressionBombError inside Gradio and the caller gets a bare 'AppError' with no message"))
 LAUNCHED_CASES = [
-    pytest.param("image", "bomb.png", BAD_IMAGES[3][1], marks=BOMB_IN_GRADIO, id="bomb"),
+    pytest.param("image", "bomb.png", BAD_IMAGES[3][1], id="bomb"),
     pytest.param("image", "truncated.jpg", BAD_IMAGES[1][1], id="truncated"),
     pytest.param("audio", "corrupt.mp3", BAD_AUDIO[4][1], id="corrupt-mp3"),
     pytest.param("audio", "speech400.wav", BAD_AUDIO[3][1], id="400s"),
