@@ -637,10 +637,10 @@ async def _cancel_remote(ctx: _Context) -> None:
 
 
 def _timed_out(ctx: _Context) -> JobTimedOut:
-    minutes = ctx.deadline_s / 60
+    waited = f"{ctx.deadline_s:.0f} s" if ctx.deadline_s < 90 else f"{ctx.deadline_s / 60:.0f} minutes"
     rid = ctx.handle.request_id if ctx.handle else None
     return JobTimedOut(
-        f"The job was not finished after {minutes:.0f} minutes, so this app stopped waiting. It keeps running at "
+        f"The job was not finished after {waited}, so this app stopped waiting. It keeps running at "
         f"{ctx.label} and can be resumed with request id {rid} (History tab, or "
         f"`python -m avatar_core resume --provider {ctx.provider.name} --request-id {rid}`).",
         provider=ctx.provider.name, request_id=rid,

@@ -31,6 +31,7 @@ SCRIPTS = {
     "transfer": "bench_transfer.py",
     "media": "bench_media.py",
     "startup": "bench_startup.py",
+    "load": "bench_load.py",
 }
 QUICK_OK = {"polling", "many_jobs", "transfer", "startup"}  # bench_media has no quick mode
 

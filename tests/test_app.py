@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import socket
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from gradio_client import Client, handle_file
 import app
 from avatar_core.config import load_settings
 from avatar_core.emulator import Emulator, JobPlan, tone_video_maker
+from tests.helpers import free_port as _free_port
 
 pytestmark = pytest.mark.slow
 
@@ -33,11 +33,6 @@ USER_WAVESPEED_KEY = "ws-user-own-key-7Q2x9"
 SERVER_SEGMIND_KEY = "sg-server-key-4k8Lm"
 JOB_TIMEOUT_S = 60
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _audio_seconds(path: Path) -> float:

@@ -6,7 +6,6 @@ address, as on a Space. Asserts the words visitors read and what reached the pro
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from gradio_client import Client, handle_file
 import app
 from avatar_core.config import load_settings
 from avatar_core.emulator import Emulator, JobPlan, tone_video_maker
+from tests.helpers import free_port as _free_port
 
 pytestmark = pytest.mark.slow
 
@@ -25,11 +25,6 @@ SERVER_KEY = "ws-server-key-Guard-81x"
 USER_KEY = "ws-visitor-own-key-33q"
 TIMEOUT_S = 60
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Deployment:

@@ -452,7 +452,6 @@ async def test_resume_handler_explains_what_it_cannot_do(tmp_path):
 
 def test_startup_applies_retention_and_lists_unfinished_jobs(tmp_path, caplog):
     import logging
-    import os
     import time as _time
 
     from avatar_core.store import JobStore

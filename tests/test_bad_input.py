@@ -12,7 +12,6 @@ checked for real.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -29,6 +28,7 @@ from avatar_core.emulator import Emulator, tone_video_maker
 from avatar_core.media import fetch as fetch_mod
 from avatar_core.ui import Handlers
 from media_factory import LocalServer, make_image, make_png_bomb, make_silence, make_tone, make_video_with_audio
+from tests.helpers import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 WS_KEY = "ws-bad-input-key-3141"
@@ -365,11 +365,6 @@ def test_prompts_through_the_cli(emu, good, tmp_path):
 
 # ----------------------------------------------------------------------------- a launched app
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

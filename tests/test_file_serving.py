@@ -14,7 +14,6 @@ Gradio 3/4 name, which must not exist either.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from urllib.parse import quote
 
@@ -25,6 +24,7 @@ from gradio_client import Client, handle_file
 import app
 from avatar_core.config import load_settings
 from media_factory import LocalServer
+from tests.helpers import free_port as _free_port
 
 pytestmark = pytest.mark.slow
 
@@ -33,11 +33,6 @@ EXAMPLES = ROOT / "examples"
 ENV_KEY = "sk-env-file-key-never-served-5521"
 JOB_TIMEOUT_S = 120
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Deployment:

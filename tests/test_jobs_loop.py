@@ -200,8 +200,15 @@ async def test_deadline_leaves_the_job_running_and_says_how_to_resume(media, set
     last = events[-1]
     assert isinstance(last, FailedEvent) and last.kind == "JobTimedOut"
     assert "req-1" in last.message and "resume" in last.message
+    assert "not finished after 2 minutes" in last.message
     assert "cancel" not in provider.calls
     assert clock.now <= 121
+
+
+async def test_a_short_deadline_is_told_in_seconds(media, settings):
+    provider = ScriptedProvider([Processing()], media[2])
+    events = await collect(run(provider, media, replace(settings, deadline_s=45), FakeClock()))
+    assert "not finished after 45 s" in events[-1].message
 
 
 async def test_failed_job_message_names_the_request_id(media, settings):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from gradio_client import Client, handle_file
 
 from avatar_core.emulator import Emulator, Fault, JobPlan, tone_video_maker
 from media_factory import make_image, make_tone
+from tests.helpers import free_port as _free_port
 
 pytestmark = pytest.mark.slow
 
@@ -116,11 +116,6 @@ def failure_cases(provider: str, key: str) -> list[tuple[str, list[Fault], list[
         ("timeout", [], [JobPlan(processing_s=60)]),
     ]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -110,7 +110,7 @@ def test_too_long_is_refused_from_the_headers(tmp_path, settings, monkeypatch):
         raise AssertionError("decoded a file the headers already ruled out")
 
     monkeypatch.setattr(audio_mod, "decode", no_decode)
-    with pytest.raises(InputError, match=r"too long \(330.0 s\). wavespeed accepts at most 300 s"):
+    with pytest.raises(InputError, match=r"too long \(330.0 s\). WaveSpeed accepts at most 300 s"):
         check_audio(src, provider="wavespeed", settings=settings)
 
 
@@ -125,7 +125,7 @@ def test_limits_are_one_table_per_provider(tmp_path, settings, monkeypatch):
     assert set(AUDIO_LIMITS) == {"local", "wavespeed", "segmind", "fal", "replicate", "kling"}
     monkeypatch.setitem(AUDIO_LIMITS, "segmind", audio_mod.AudioLimits(2.0, 60.0, None, "mp3", "test"))
     src = mf.make_tone(tmp_path / "v.wav", "wav", 70.0, sample_rate=8000)
-    with pytest.raises(InputError, match="segmind accepts at most 60 s"):
+    with pytest.raises(InputError, match="Segmind accepts at most 60 s"):
         check_audio(src, provider="segmind", settings=settings)
     assert check_audio(src, provider="fal", settings=settings).duration_s == pytest.approx(70.0)
 

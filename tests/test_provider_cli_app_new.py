@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 
 from avatar_core.emulator import Emulator, tone_video_maker
 from tests.media_factory import make_image, make_tone
+from tests.helpers import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -127,11 +127,6 @@ def test_cli_replicate_without_version(emu, inputs, tmp_path):
 
 # ------------------------------------------------------------------ the app
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import replace
-from pathlib import Path
 
-import av
 import httpx
 import pytest
 
@@ -23,6 +21,7 @@ from avatar_core.events import Done, FailedEvent, ProcessingEvent, QueuedEvent, 
 from avatar_core.providers.base import Completed, JobHandle, Processing, Queued, SubmitRequest
 from avatar_core.providers.fal import FalProvider, app_path, parse_sse
 from tests.media_factory import make_image, make_tone
+from tests.helpers import check_mp4, collect
 
 KEY = "fal-test-key-789"
 APP = "/fal-ai/kling-video"
@@ -59,15 +58,6 @@ def settings(emu, tmp_path):
     )
 
 
-async def collect(gen):
-    return [e async for e in gen]
-
-
-def check_mp4(path: Path, seconds: float) -> None:
-    with av.open(str(path)) as c:
-        assert c.streams.video[0].codec_context.name == "h264"
-        assert c.streams.audio[0].codec_context.name == "aac"
-        assert abs(c.duration / 1e6 - seconds) <= 0.1
 
 
 def decode(data_uri: str) -> tuple[str, bytes]:

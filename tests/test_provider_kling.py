@@ -13,9 +13,7 @@ import hashlib
 import hmac
 import json
 from dataclasses import replace
-from pathlib import Path
 
-import av
 import httpx
 import pytest
 
@@ -28,6 +26,7 @@ from avatar_core.providers.base import SubmitRequest
 from avatar_core.providers.kling import KlingProvider, make_jwt
 from avatar_core.store import JobStore
 from tests.media_factory import make_image, make_tone
+from tests.helpers import check_mp4, collect
 
 ACCESS = "ak-test-3fQ9"
 SECRET = "sk-test-very-secret-Zp81"
@@ -69,15 +68,6 @@ def settings(emu, tmp_path):
     )
 
 
-async def collect(gen):
-    return [e async for e in gen]
-
-
-def check_mp4(path: Path, seconds: float) -> None:
-    with av.open(str(path)) as c:
-        assert c.streams.video[0].codec_context.name == "h264"
-        assert c.streams.audio[0].codec_context.name == "aac"
-        assert abs(c.duration / 1e6 - seconds) <= 0.1
 
 
 def _unb64url(text: str) -> bytes:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import replace
-from pathlib import Path
 
-import av
 import httpx
 import pytest
 
@@ -25,6 +23,7 @@ from avatar_core.providers.base import SubmitRequest
 from avatar_core.providers.replicate import ReplicateProvider
 from avatar_core.store import JobStore
 from tests.media_factory import make_image, make_tone
+from tests.helpers import check_mp4, collect
 
 TOKEN = "r8_test_token_5Hq2"
 MODEL = "kwaivgi/kling-avatar-v2"
@@ -63,15 +62,6 @@ def settings(emu, tmp_path):
     )
 
 
-async def collect(gen):
-    return [e async for e in gen]
-
-
-def check_mp4(path: Path, seconds: float) -> None:
-    with av.open(str(path)) as c:
-        assert c.streams.video[0].codec_context.name == "h264"
-        assert c.streams.audio[0].codec_context.name == "aac"
-        assert abs(c.duration / 1e6 - seconds) <= 0.1
 
 
 def submitted_id(events) -> str:

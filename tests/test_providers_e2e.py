@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import replace
-from pathlib import Path
 
-import av
 import pytest
 
 from avatar_core import jobs
@@ -19,6 +17,7 @@ from avatar_core.emulator import Emulator, Fault, JobPlan, tone_video_maker
 from avatar_core.events import Done, FailedEvent, ProcessingEvent, QueuedEvent, Submitted, Uploading
 from avatar_core.store import JobStore
 from tests.media_factory import make_image, make_tone
+from tests.helpers import check_mp4, collect
 
 WS_KEY = "ws-test-key-123"
 SM_KEY = "sm-test-key-456"
@@ -60,16 +59,6 @@ def settings(emu, tmp_path):
     )
 
 
-async def collect(gen):
-    return [e async for e in gen]
-
-
-def check_mp4(path: Path, seconds: float) -> None:
-    with av.open(str(path)) as c:
-        assert c.streams.video and c.streams.audio, "video and audio streams expected"
-        assert c.streams.video[0].codec_context.name == "h264"
-        assert c.streams.audio[0].codec_context.name == "aac"
-        assert abs(c.duration / 1e6 - seconds) <= 0.1
 
 
 def stages(events) -> list[str]:

@@ -347,10 +347,16 @@ def _wave_label(duration: float, trimmed_s: float) -> str:
     return f"{label} (trimmed {trimmed_s:.1f} s of silence)" if trimmed_s else label
 
 
+def _provider_name(provider: str) -> str:
+    from ..providers import LABELS
+
+    return "The local preview" if provider == "local" else LABELS.get(provider, provider)
+
+
 def _too_long(seconds: float, limits: _audio.AudioLimits, provider: str, trimming: bool) -> InputError:
     hint = "" if trimming else " (or switch on silence trimming if it has long pauses at the ends)"
     return InputError(
-        f"The audio is too long ({seconds:.1f} s). {provider} accepts at most {limits.max_s:g} s: "
+        f"The audio is too long ({seconds:.1f} s). {_provider_name(provider)} accepts at most {limits.max_s:g} s: "
         f"cut it into shorter parts{hint}."
     )
 

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 import app
 from avatar_core.config import load_settings
 from avatar_core.emulator import Emulator, JobPlan, tone_video_maker
+from tests.helpers import free_port as _free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -52,11 +52,6 @@ def _need_chromium() -> None:
         pytest.fail(f"{CHROMIUM} is missing on CI: install Debian's chromium package.")
     pytest.skip(f"{CHROMIUM} is not installed")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _audio_seconds(path: Path) -> float:
