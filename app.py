@@ -86,10 +86,10 @@ def build_demo(settings: Settings | None = None, *, store=None, host: str | None
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=1, min_width=300):
                         with gr.Group():
-                            image = ui.CheckedImage(
+                            image = ui.hand_refused_uploads_to_checks(gr.Image(
                                 label="1 · Portrait", type="filepath", sources=["upload", "clipboard"], height=300,
                                 elem_id="image-input",
-                            )
+                            ))
                             image_url = gr.Textbox(
                                 label="…or a link to the portrait", value="", placeholder="https://…",
                                 info="Used when no file is uploaded.", elem_id="image-url",

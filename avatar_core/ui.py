@@ -668,25 +668,28 @@ def pick_source(upload: str | None, url: str | None) -> str | None:
 # ----------------------------------------------------------------------------- small UI pieces
 
 
-class CheckedImage(gr.Image):
-    """``gr.Image`` whose uploads always reach the app's own checks.
+def hand_refused_uploads_to_checks(image: gr.Image) -> gr.Image:
+    """Make a ``gr.Image(type="filepath")`` pass on uploads Pillow refuses.
 
     Gradio opens an uploaded image with Pillow before any handler runs; a file Pillow
     refuses (a decompression bomb, say) would end in Gradio's bare "Error" instead of our
-    message that says what is wrong and what to do. With ``type="filepath"`` the file
-    is handed on as it is and :func:`avatar_core.media.inputs.check_image` judges it.
+    message that says what is wrong and what to do. This hands such a file on as it is,
+    for :func:`avatar_core.media.inputs.check_image` to judge. (An instance attribute, not
+    a subclass: Gradio writes a ``.pyi`` file beside any module that subclasses a component.)
     """
+    stock = image.preprocess
 
-    is_template = True  # the browser side is the stock Image component
-
-    def preprocess(self, payload):
+    def preprocess(payload):
         try:
-            return super().preprocess(payload)
+            return stock(payload)
         except Exception:  # noqa: BLE001 - judged by our checks instead
             path = getattr(payload, "path", None)
-            if self.type == "filepath" and path:
+            if image.type == "filepath" and path:
                 return str(path)
             raise
+
+    image.preprocess = preprocess
+    return image
 
 
 IDLE_STATUS = "Add a portrait and a voice clip, then press **Generate video**. Progress shows here."
