@@ -28,3 +28,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def until(gen, kind: type):
+    """Consume job events up to the first of type ``kind`` and return it (the job goes on)."""
+    async for event in gen:
+        if isinstance(event, kind):
+            return event
+    raise AssertionError(f"the job ended without a {kind.__name__} event")

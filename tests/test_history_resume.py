@@ -14,6 +14,7 @@ from pathlib import Path
 import av
 import pytest
 
+from tests.helpers import until
 from avatar_core import jobs
 from avatar_core.config import Secret, load_settings
 from avatar_core.emulator import Emulator, JobPlan, tone_video_maker
@@ -114,10 +115,7 @@ async def test_resumed_job_whose_result_expired_keeps_its_row(inputs, tmp_path):
         settings = settings_for(emu, tmp_path)
         store = JobStore(tmp_path / "jobs.sqlite3")
         gen = jobs.run_job("segmind", image, audio, settings=settings, store=store)
-        async for event in gen:
-            if isinstance(event, Submitted):
-                rid = event.request_id
-                break
+        rid = (await until(gen, Submitted)).request_id
         await gen.aclose()
         await asyncio.sleep(1.3)  # Segmind keeps results for an hour; this emulator for a second
         events = await _collect(jobs.resume("segmind", rid, settings=settings, store=store))

@@ -21,7 +21,7 @@ from avatar_core.events import Done, FailedEvent, ProcessingEvent, QueuedEvent, 
 from avatar_core.providers.base import Completed, JobHandle, Processing, Queued, SubmitRequest
 from avatar_core.providers.fal import FalProvider, app_path, parse_sse
 from tests.media_factory import make_image, make_tone
-from tests.helpers import check_mp4, collect
+from tests.helpers import check_mp4, collect, until
 
 KEY = "fal-test-key-789"
 APP = "/fal-ai/kling-video"
@@ -217,10 +217,7 @@ async def test_closing_the_job_cancels_it_over_the_wire(emu, settings, inputs):
     image, audio = inputs
     emu.plan_jobs(JobPlan(queue_s=30))
     gen = jobs.run_job("fal", image, audio, settings=settings)
-    async for event in gen:
-        if isinstance(event, QueuedEvent):
-            rid = event.request_id
-            break
+    rid = (await until(gen, QueuedEvent)).request_id
     await gen.aclose()
     (put,) = emu.requests_to("PUT", ".*")
     assert put.path == f"{APP}/requests/{rid}/cancel" and put.header("authorization") == f"Key {KEY}"

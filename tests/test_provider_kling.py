@@ -26,7 +26,7 @@ from avatar_core.providers.base import SubmitRequest
 from avatar_core.providers.kling import KlingProvider, make_jwt
 from avatar_core.store import JobStore
 from tests.media_factory import make_image, make_tone
-from tests.helpers import check_mp4, collect
+from tests.helpers import check_mp4, collect, until
 
 ACCESS = "ak-test-3fQ9"
 SECRET = "sk-test-very-secret-Zp81"
@@ -364,10 +364,7 @@ async def test_closing_the_job_sends_nothing_and_leaves_it_resumable(emu, settin
     store = JobStore(tmp_path / "jobs.sqlite3")
     emu.plan_jobs(JobPlan(queue_s=30))
     gen = jobs.run_job("kling", image, audio, settings=settings, store=store)
-    async for event in gen:
-        if isinstance(event, QueuedEvent):
-            task_id = event.request_id
-            break
+    task_id = (await until(gen, QueuedEvent)).request_id
     before = len(emu.requests)
     await gen.aclose()
     assert len(emu.requests) == before  # Kling has no cancel endpoint: nothing is sent

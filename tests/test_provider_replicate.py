@@ -23,7 +23,7 @@ from avatar_core.providers.base import SubmitRequest
 from avatar_core.providers.replicate import ReplicateProvider
 from avatar_core.store import JobStore
 from tests.media_factory import make_image, make_tone
-from tests.helpers import check_mp4, collect
+from tests.helpers import check_mp4, collect, until
 
 TOKEN = "r8_test_token_5Hq2"
 MODEL = "kwaivgi/kling-avatar-v2"
@@ -307,10 +307,7 @@ async def test_closing_the_job_cancels_the_prediction_over_the_wire(emu, setting
     store = JobStore(tmp_path / "jobs.sqlite3")
     emu.plan_jobs(JobPlan(queue_s=30))
     gen = jobs.run_job("replicate", image, audio, settings=settings, store=store)
-    async for event in gen:
-        if isinstance(event, QueuedEvent):
-            rid = event.request_id
-            break
+    rid = (await until(gen, QueuedEvent)).request_id
     await gen.aclose()
     (cancel,) = emu.requests_to("POST", r"/cancel$")
     assert cancel.path == f"/v1/predictions/{rid}/cancel"

@@ -17,7 +17,7 @@ from avatar_core.emulator import Emulator, Fault, JobPlan, tone_video_maker
 from avatar_core.events import Done, FailedEvent, ProcessingEvent, QueuedEvent, Submitted, Uploading
 from avatar_core.store import JobStore
 from tests.media_factory import make_image, make_tone
-from tests.helpers import check_mp4, collect
+from tests.helpers import check_mp4, collect, until
 
 WS_KEY = "ws-test-key-123"
 SM_KEY = "sm-test-key-456"
@@ -300,10 +300,7 @@ async def test_a_job_left_behind_is_resumed_to_its_video(emu, settings, inputs, 
     image, audio = inputs
     store = JobStore(tmp_path / "jobs.sqlite3")
     gen = jobs.run_job(provider, image, audio, settings=settings, store=store)
-    async for event in gen:
-        if isinstance(event, Submitted):
-            request_id = event.request_id
-            break
+    request_id = (await until(gen, Submitted)).request_id
     await gen.aclose()  # the tab closed: neither provider can cancel, so the job runs on
     assert store.get(provider, request_id).status == "submitted"
 
