@@ -234,7 +234,7 @@ def provider_note(provider: str, settings: Settings, server_keys: bool = True) -
         )
     label = LABELS.get(provider, provider)
     if settings.has_key(provider) and not server_keys:
-        return (f"**{label}**: this server's key is only for signed-in users. Paste your own {label} API key "
+        return (f"**{label}**: this server's key is not open to visitors here. Paste your own {label} API key "
                 "below to use it.")
     if settings.has_key(provider):
         return f"**{label}** runs Kling AI Avatar with this server's key. You can use your own key instead."

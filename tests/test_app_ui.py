@@ -102,6 +102,16 @@ def test_without_keys_the_default_is_the_offline_preview():
         assert default == "local"
 
 
+def test_provider_note_says_when_the_servers_key_is_not_for_visitors():
+    s = Settings(wavespeed_api_key=Secret("k-1234"))
+    note = ui.provider_note("wavespeed", s, server_keys=False)
+    assert "not open to visitors" in note and "your own WaveSpeed API key" in note
+    (label,) = [lab for lab, pid in ui.provider_dropdown(s, server_keys=False)[0] if pid == "wavespeed"]
+    assert "needs your API key" in label
+    assert ui.provider_dropdown(s, server_keys=False)[1] == "local"
+    assert ui.provider_dropdown(s, server_keys=True)[1] == "wavespeed"
+
+
 def test_provider_note_tells_what_to_do_without_a_key():
     note = ui.provider_note("segmind", Settings())
     assert "no key" in note and "your own" in note and "SEGMIND_API_KEY" in note
