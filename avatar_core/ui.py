@@ -1187,9 +1187,15 @@ class Handlers:
             yield board.message("Already finished", "The video is in your history; it is shown below."), \
                 request_id, record.output_path
             return
+        if self.running.find(provider, request_id) is not None:
+            yield board.message("Still running here", "This app is already following that job; its video will "
+                                "appear in the History tab when it is done."), request_id, None
+            return
         yield board.message(f"Asking {board.label} about job `{md_escape(request_id)}`…"), request_id, None
-        events = resume_job(provider, request_id, tier=board.tier, settings=self.settings, api_key=key,
-                            store=self.store, owner=owner)
+        # Detached like a new job: closing the page must not cancel a paid job at the provider.
+        job = self.running.start(resume_job(provider, request_id, tier=board.tier, settings=self.settings,
+                                            api_key=key, store=self.store, owner=owner), owner=owner)
+        events = job.follow()
         try:
             async for event in events:
                 status = board.update(event)

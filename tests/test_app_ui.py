@@ -486,3 +486,12 @@ def test_startup_applies_retention_and_lists_unfinished_jobs(tmp_path, caplog):
     assert "wavespeed:r-run" in caplog.text
     assert ui.startup_upkeep(None, settings).startswith("job history unavailable")
     assert ui.apply_retention(store, Settings(output_dir=tmp_path, retention_days=None, retention_max_mb=None)) == 0
+
+
+async def test_resuming_a_job_this_app_already_follows_does_not_poll_it_twice(tmp_path):
+    h = ui.Handlers(Settings(output_dir=tmp_path, wavespeed_api_key=Secret("k-1234")))
+    job = await _running_job(h, "wavespeed", "r-live")
+    frames = [f async for f in h.resume("wavespeed", "r-live", "", None, _Req(None, "s"))]
+    assert "Still running here" in frames[-1][0] and frames[-1][2] is None
+    assert not job.task.done()
+    job.task.cancel()
