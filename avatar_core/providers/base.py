@@ -407,6 +407,20 @@ class HttpProvider:
     def protocol_error(self, what: str, request_id: str | None = None) -> ProtocolError:
         return ProtocolError(f"{self.label} sent {what}.", provider=self.name, request_id=request_id)
 
+    # -- defaults for providers whose status reply already carries the result
+
+    async def result(self, handle: JobHandle) -> Completed:
+        """The finished job's video, read from its status (override where a provider has a
+        separate result endpoint)."""
+        status = await self.status(handle)  # type: ignore[attr-defined]
+        if isinstance(status, Completed):
+            return status
+        raise self.protocol_error(f"no result yet (status {type(status).__name__})", handle.request_id)
+
+    async def cancel(self, handle: JobHandle) -> bool:
+        """Providers without a cancel endpoint: nothing is sent, the job runs on."""
+        return False
+
 
 def read_inline(path: Path, max_bytes: int, *, what: str, provider: HttpProvider, hint: str) -> bytes:
     """A local file's bytes, for providers that take files inside the request body.

@@ -263,15 +263,6 @@ class KlingProvider(HttpProvider):
     async def status(self, handle: JobHandle) -> JobStatus:
         return self.parse_status(await self._read(handle), handle.request_id)
 
-    async def result(self, handle: JobHandle) -> Completed:
-        status = await self.status(handle)
-        if isinstance(status, Completed):
-            return status
-        raise self.protocol_error(f"no result yet (status {type(status).__name__})", handle.request_id)
-
-    async def cancel(self, handle: JobHandle) -> bool:
-        return False
-
 
 def from_settings(settings: Settings, **kw) -> KlingProvider:
     """The client ``make_provider("kling", ...)`` builds (KLING_ACCESS_KEY, KLING_SECRET_KEY, KLING_BASE_URL)."""

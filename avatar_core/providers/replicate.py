@@ -137,12 +137,6 @@ class ReplicateProvider(HttpProvider):
         response = await self.request("GET", f"/v1/predictions/{handle.request_id}", request_id=handle.request_id)
         return self.parse_status(self.json(response, handle.request_id), handle.request_id)
 
-    async def result(self, handle: JobHandle) -> Completed:
-        status = await self.status(handle)
-        if isinstance(status, Completed):
-            return status
-        raise self.protocol_error(f"no result yet (status {type(status).__name__})", handle.request_id)
-
     async def cancel(self, handle: JobHandle) -> bool:
         response = await self.request(
             "POST", f"/v1/predictions/{handle.request_id}/cancel", request_id=handle.request_id

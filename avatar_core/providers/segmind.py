@@ -105,6 +105,3 @@ class SegmindProvider(HttpProvider):
         if not isinstance(status, Completed) or not status.video_url:
             raise self.protocol_error("a result without an output video", handle.request_id)
         return status
-
-    async def cancel(self, handle: JobHandle) -> bool:
-        return False

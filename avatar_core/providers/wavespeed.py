@@ -152,12 +152,3 @@ class WaveSpeedProvider(HttpProvider):
 
     async def status(self, handle: JobHandle) -> JobStatus:
         return self.parse_status(await self._read(handle), handle.request_id)
-
-    async def result(self, handle: JobHandle) -> Completed:
-        status = await self.status(handle)
-        if isinstance(status, Completed):
-            return status
-        raise self.protocol_error(f"no result yet (status {type(status).__name__})", handle.request_id)
-
-    async def cancel(self, handle: JobHandle) -> bool:
-        return False
