@@ -165,9 +165,9 @@ class FalProtocol(Protocol):
         if tier is None:
             return self.error(404, f"Application '{endpoint}' not found")
         body = ctx.request.json
-        if not isinstance(body, dict):
+        missing = self.missing_fields(body, ("image_url", "audio_url"))
+        if missing is None:
             return self.error(422, "The request body must be a JSON object")
-        missing = [k for k in ("image_url", "audio_url") if not isinstance(body.get(k), str) or not body.get(k)]
         if missing:
             detail = [{"loc": ["body", k], "msg": "field required", "type": "value_error.missing"} for k in missing]
             return json_response(422, {"detail": detail})

@@ -129,9 +129,9 @@ class SegmindProtocol(Protocol):
         if tier is None:
             return self.error(404, f"Model {slug} not found")
         body = ctx.request.json
-        if not isinstance(body, dict):
+        missing = self.missing_fields(body, ("image_url", "audio_url"))
+        if missing is None:
             return self.error(400, "The request body must be a JSON object")
-        missing = [k for k in ("image_url", "audio_url") if not isinstance(body.get(k), str) or not body.get(k)]
         if missing:
             return self.error(400, f"Missing required parameter(s): {', '.join(missing)}")
         job = self.emu.create_job(self.name, slug, tier, {"image": body["image_url"], "audio": body["audio_url"]})

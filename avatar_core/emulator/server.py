@@ -425,6 +425,13 @@ class Protocol:
         """An application error the way this provider sends one (default: HTTP 500)."""
         return self.error(500, message)
 
+    @staticmethod
+    def missing_fields(body: Any, keys: tuple[str, ...]) -> list[str] | None:
+        """None when ``body`` is not a JSON object, else the ``keys`` without a non-empty string."""
+        if not isinstance(body, dict):
+            return None
+        return [k for k in keys if not isinstance(body.get(k), str) or not body.get(k)]
+
     def finalize(self, response: Response) -> Response:
         """Last touch on every answer of this protocol (headers it always sends)."""
         return response

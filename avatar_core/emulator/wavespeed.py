@@ -111,9 +111,9 @@ class WaveSpeedProtocol(Protocol):
         if tier is None:
             return self.error(404, f"Model {model} not found")
         body = ctx.request.json
-        if not isinstance(body, dict):
+        missing = self.missing_fields(body, ("image", "audio"))
+        if missing is None:
             return self.error(400, "The request body must be a JSON object")
-        missing = [k for k in ("image", "audio") if not isinstance(body.get(k), str) or not body.get(k)]
         if missing:
             return self.error(400, f"Missing required field(s): {', '.join(missing)}")
         job = self.emu.create_job(
