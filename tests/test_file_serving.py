@@ -14,6 +14,8 @@ Gradio 3/4 name, which must not exist either.
 from __future__ import annotations
 
 import os
+import tempfile
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -173,3 +175,48 @@ def test_the_app_keeps_serving_after_the_probes(deployment):
     r = httpx.get(deployment.base + "/", timeout=10)
     assert r.status_code == 200 and "<html" in r.text.lower()
     assert deployment.get(f"/gradio_api/file={deployment.video}").status_code == 200
+
+
+# ----------------------------------------------------------------------------- uploads
+
+
+def _multipart(size: int, boundary: str = "avatar-test-boundary"):
+    """A multipart/form-data body with one file of ``size`` bytes, streamed in 1 MB pieces."""
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"voice.wav\"\r\n"
+            "Content-Type: audio/wav\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+
+    def pieces():
+        yield head
+        left = size
+        while left > 0:
+            n = min(left, 1024 * 1024)
+            yield b"\0" * n
+            left -= n
+        yield tail
+
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}",
+               "Content-Length": str(len(head) + size + len(tail))}
+    return pieces(), headers
+
+
+@pytest.mark.parametrize("size_mb, refused", [(1, False), (101, True)])
+def test_uploads_over_100_mb_are_refused(deployment, size_mb, refused):
+    """Gradio's upload route enforces ``max_file_size`` (ui.MAX_UPLOAD) and keeps nothing."""
+    started = time.time()
+    body, headers = _multipart(size_mb * 1024 * 1024)
+    try:
+        r = httpx.post(deployment.base + "/gradio_api/upload", content=body, headers=headers, timeout=60)
+    except httpx.WriteError:  # the server answered and hung up while we were still sending
+        r = None
+    if refused:
+        assert r is None or r.status_code == 413, (r.status_code, r.text[:200])
+        if r is not None:
+            assert "maximum allowed size of 104857600 bytes" in r.text, r.text[:200]
+        temp = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+        kept = [p for p in temp.rglob("*") if p.is_file() and p.stat().st_mtime >= started
+                and p.stat().st_size >= 50 * 1024 * 1024]
+        assert kept == []
+    else:
+        assert r is not None and r.status_code == 200, (r.status_code, r.text[:200])
+        assert r.json()[0].endswith("voice.wav")
