@@ -497,7 +497,11 @@ class _QuietServer(ThreadingHTTPServer):
 class _RequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like the real hosts
     timeout = IDLE_CONNECTION_S
-    # Headers and body go out in two sends; with Nagle each answer waits ~40 ms for an ACK.
+    # A buffered writer, flushed after each answer (by the stdlib) and after each streamed
+    # piece (by _send): a small answer leaves in one send, head and body together, as from
+    # a real host, instead of two (two wake-ups of the client per status read).
+    wbufsize = 64 * 1024
+    # Without this, a second send waits ~40 ms for the client's delayed ACK.
     disable_nagle_algorithm = True
     server: _QuietServer
 
@@ -1073,6 +1077,7 @@ class Emulator:
                     h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
                 else:
                     h.wfile.write(chunk)
+                h.wfile.flush()  # each piece leaves now (slow and endless answers rely on it)
             if chunked:
                 h.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout):
