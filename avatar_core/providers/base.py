@@ -31,6 +31,7 @@ from ..errors import (
     SubmitUncertain,
     TransientError,
 )
+from .keepalive import KeepAliveReads, proxy_configured
 
 Tier = Literal["standard", "pro"]
 ModelVersion = Literal["v1", "v2"]
@@ -301,6 +302,10 @@ def decode_json(response: httpx.Response, *, provider: str, label: str, request_
         ) from exc
 
 
+# What a status read may carry; anything else (streams, files) goes through httpx.
+_READ_KWARGS = {"params", "headers"}
+
+
 class HttpProvider:
     """Base for hosted providers: one AsyncClient, error mapping, and request helpers.
 
@@ -326,6 +331,13 @@ class HttpProvider:
         )
         # For URLs handed to us by the provider (presigned uploads): never send our key there.
         self._plain = httpx.AsyncClient(transport=transport, timeout=timeout, verify=verify)
+        # Status reads (the hot path of a busy server) on a leaner keep-alive connection;
+        # with an injected transport or a proxy, everything goes through httpx.
+        self._reads = None
+        if transport is None and not proxy_configured():
+            self._reads = KeepAliveReads(
+                self.base_url, self._client.headers.multi_items(), ssl_context=verify, timeout=timeout
+            )
 
     def __repr__(self) -> str:  # never shows headers (they hold the key)
         return f"<{type(self).__name__} {self.base_url}>"
@@ -333,6 +345,8 @@ class HttpProvider:
     async def aclose(self) -> None:
         await self._client.aclose()
         await self._plain.aclose()
+        if self._reads is not None:
+            await self._reads.aclose()
 
     async def __aenter__(self):
         return self
@@ -349,7 +363,10 @@ class HttpProvider:
         """
         client = self._plain if kw.pop("without_auth", False) else self._client
         try:
-            response = await client.request(method, url, **kw)
+            if method == "GET" and client is self._client and self._reads is not None and kw.keys() <= _READ_KWARGS:
+                response = await self._reads.get(url, **kw)
+            else:
+                response = await client.request(method, url, **kw)
         except httpx.TimeoutException as exc:
             raise TransientError(
                 f"{self.label} did not answer in time.", provider=self.name, request_id=request_id
