@@ -84,8 +84,6 @@ MAX_READ_FAILURES = 20
 MAX_PROTOCOL_ERRORS = 3
 # The submit is repeated only when it never arrived; a few tries cover a blip.
 MAX_SUBMIT_TRIES = 3
-# How often the generator reports elapsed time while it waits between polls.
-HEARTBEAT_S = 1.0
 # Download chunk size: large enough for throughput, small enough that memory stays flat.
 DOWNLOAD_CHUNK = 256 * 1024
 MAX_DOWNLOAD_TRIES = 4
@@ -406,7 +404,7 @@ async def _follow(ctx: _Context) -> AsyncIterator[JobEvent]:
                     provider=name, request_id=handle.request_id,
                 ) from exc
             log.warning("status read %d failed for %s: %s", failures, handle.request_id, exc.message)
-            await _wait(ctx, _backoff(ctx, failures, exc), None)
+            await _wait(ctx, _backoff(ctx, failures, exc))
             continue
 
         if isinstance(status, Failed):
@@ -424,8 +422,7 @@ async def _follow(ctx: _Context) -> AsyncIterator[JobEvent]:
                                     status.progress, status.logs)
             _update(ctx, status="processing")
         yield event
-        async for beat in _wait(ctx, ctx.schedule.interval(ctx.elapsed()), event):
-            yield beat
+        await _wait(ctx, ctx.schedule.interval(ctx.elapsed()))
 
     completed = status
     if not completed.video_url:
@@ -441,41 +438,13 @@ async def _follow(ctx: _Context) -> AsyncIterator[JobEvent]:
     yield Done(name, handle.request_id, dest, duration, metadata, ctx.elapsed())
 
 
-def _wait(ctx: _Context, seconds: float, heartbeat) -> "_Waiter":
-    """Sleep ``seconds`` (never past the deadline); re-yield ``heartbeat`` with fresh elapsed time.
+async def _wait(ctx: _Context, seconds: float) -> None:
+    """Sleep ``seconds``, never past the deadline.
 
-    Used both as ``await _wait(...)`` (no heartbeat) and ``async for`` (with one).
+    No events while waiting: a page that shows a ticking clock makes its own ticks
+    (ui.DetachedJob.follow), so a job nobody watches costs one wake-up per status read.
     """
-    return _Waiter(ctx, seconds, heartbeat)
-
-
-class _Waiter:
-    def __init__(self, ctx: _Context, seconds: float, heartbeat) -> None:
-        self.ctx, self.end, self.heartbeat = ctx, ctx.clock() + max(0.0, min(seconds, max(0.0, ctx.remaining()))), heartbeat
-
-    def __await__(self):
-        return self._sleep_all().__await__()
-
-    async def _sleep_all(self) -> None:
-        await self.ctx.sleep(max(0.0, self.end - self.ctx.clock()))
-
-    def __aiter__(self):
-        return self._beats()
-
-    async def _beats(self):
-        while True:
-            left = self.end - self.ctx.clock()
-            if left <= 0:
-                return
-            await self.ctx.sleep(min(HEARTBEAT_S, left))
-            if self.heartbeat is not None and self.end - self.ctx.clock() > 0.05:
-                yield _with_elapsed(self.heartbeat, self.ctx.elapsed())
-
-
-def _with_elapsed(event, elapsed: float):
-    from dataclasses import replace
-
-    return replace(event, elapsed=elapsed)
+    await ctx.sleep(max(0.0, min(seconds, ctx.remaining())))
 
 
 async def _with_retries(ctx: _Context, call: Callable[[], Awaitable[Any]], what: str) -> Any:
@@ -489,7 +458,7 @@ async def _with_retries(ctx: _Context, call: Callable[[], Awaitable[Any]], what:
             if attempt >= MAX_DOWNLOAD_TRIES or ctx.remaining() <= 0:
                 raise
             log.warning("%s failed (attempt %d): %s", what, attempt, exc.message)
-            await _wait(ctx, _backoff(ctx, attempt, exc), None)
+            await _wait(ctx, _backoff(ctx, attempt, exc))
 
 
 def _backoff(ctx: _Context, attempt: int, exc: AvatarError) -> float:
@@ -532,7 +501,7 @@ async def _download(ctx: _Context, url: str, dest: Path) -> AsyncIterator[JobEve
                     f"there for a limited time: resume with request id {handle.request_id} to try again.",
                     provider=ctx.provider.name, request_id=handle.request_id,
                 ) from exc
-            await _wait(ctx, _backoff(ctx, attempt, exc), None)
+            await _wait(ctx, _backoff(ctx, attempt, exc))
 
 
 async def _download_once(ctx: _Context, url: str, dest: Path) -> AsyncIterator[JobEvent]:

@@ -26,7 +26,7 @@ import secrets as _secrets
 import time
 import traceback
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping, Sequence
 
@@ -721,6 +721,8 @@ def open_job_store(settings: Settings):
 # ----------------------------------------------------------------------------- running jobs
 
 _END = object()
+# How often a watched job's elapsed time moves on the page while nothing else happens.
+TICK_S = 1.0
 
 
 class DetachedJob:
@@ -762,14 +764,32 @@ class DetachedJob:
             self._queue.put_nowait(_END)
 
     async def follow(self) -> AsyncIterator[JobEvent]:
-        """The job's events as they come; leaving early detaches (see the class doc)."""
+        """The job's events as they come; leaving early detaches (see the class doc).
+
+        While the job waits between status reads, the last queued/processing event is
+        repeated every TICK_S with a fresh ``elapsed``, so the page's clock keeps moving.
+        The ticks are made here, for a watcher, not by the job: a job nobody watches
+        wakes only to read its status.
+        """
+        loop = asyncio.get_running_loop()
+        getter = None
+        last, seen_at = None, 0.0
         try:
             while True:
-                event = await self._queue.get()
+                getter = getter or asyncio.ensure_future(self._queue.get())
+                done, _ = await asyncio.wait((getter,), timeout=TICK_S)
+                if not done:  # nothing new: tick
+                    if isinstance(last, (QueuedEvent, ProcessingEvent)):
+                        yield replace(last, elapsed=last.elapsed + loop.time() - seen_at)
+                    continue
+                event, getter = getter.result(), None
                 if event is _END:
                     return
+                last, seen_at = event, loop.time()
                 yield event
         finally:
+            if getter is not None:
+                getter.cancel()
             self._watched = False
             if not self._ended and self.request_id is None:
                 self.task.cancel()

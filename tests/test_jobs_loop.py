@@ -18,6 +18,7 @@ from avatar_core import jobs
 from avatar_core.config import load_settings
 from avatar_core.errors import NotSubmitted, ProtocolError, RateLimited, SubmitUncertain, TransientError
 from avatar_core.events import Done, FailedEvent, ProcessingEvent, QueuedEvent, Submitted
+from avatar_core.polling import PollSchedule
 from avatar_core.store import JobStore
 from avatar_core.providers.base import Completed, Failed, JobHandle, Processing, Queued
 
@@ -268,3 +269,18 @@ async def test_bad_prompt_and_unknown_tier_fail_before_anything_is_sent(media, s
 
 def test_prompt_control_characters_are_removed():
     assert jobs.clean_prompt("hello\x00 \x1b[31mworld\u200b ") == "hello [31mworld"
+
+
+async def test_a_waiting_job_wakes_only_to_read_its_status(media, settings):
+    """No events and no wake-ups between status reads: one sleep and one event per read."""
+    clock = FakeClock()
+    script = [Queued(position=2)] * 3 + [Processing()] * 20 + [Completed("x")]
+    provider = ScriptedProvider(script, media[2])
+    plan = PollSchedule(typical_s=600.0)  # waits of up to 12 s between reads at this stage
+    events = await collect(run(provider, media, settings, clock, schedule=plan))
+    reads = provider.calls.count("status")
+    assert reads == 24
+    waiting = [e for e in events if isinstance(e, (QueuedEvent, ProcessingEvent))]
+    assert len(waiting) == reads - 1  # every read but the last (Completed) is reported once
+    assert clock.sleeps == [plan.interval(e.elapsed) for e in waiting]
+    assert max(clock.sleeps) > 10.0
