@@ -177,10 +177,17 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--window", type=float, default=75.0, help="seconds of measurement")
     parser.add_argument("--json", type=Path, help="also write the summary figures here (for run_all.py)")
+    parser.add_argument("--httpx-reads", action="store_true",
+                        help="status reads through httpx, as when a proxy is configured (the before-figure)")
     args = parser.parse_args(argv)
+    if args.httpx_reads:
+        from avatar_core.providers import base
+
+        base.proxy_configured = lambda: True  # what HttpProvider checks before taking the lean path
     if args.quick:
         args.jobs, args.window = 20, 8.0
-    print(f"# {args.jobs} jobs in one process (real time)\n\n{machine_line()}")
+    reads_via = "httpx" if args.httpx_reads else "the lean keep-alive path (providers/keepalive.py)"
+    print(f"# {args.jobs} jobs in one process (real time), status reads through {reads_via}\n\n{machine_line()}")
     r = asyncio.run(run(args.jobs, args.window))
     core_share = r["cpu_s"] / r["window_s"]
     job_minutes = r["jobs"] * r["window_s"] / 60
