@@ -140,24 +140,6 @@ def bench_settings(base_url: str, output_dir: Path, **overrides):
     )
 
 
-def fast_loopback() -> None:
-    """Answer emulator requests without the 40 ms Nagle/delayed-ACK stall.
-
-    Also lifts the listen backlog (below). The emulator's handler writes the headers and the body in two sends; with Nagle's
-    algorithm on, the body waits for the client's delayed ACK (about 40 ms on Linux), so
-    every request costs 40 ms of idle time that no real provider adds. Setting
-    ``disable_nagle_algorithm`` (a ``socketserver.StreamRequestHandler`` switch) makes each
-    request take well under a millisecond on loopback. Call before starting an emulator.
-    """
-    from avatar_core.emulator import server
-
-    server._RequestHandler.disable_nagle_algorithm = True
-    # socketserver's default accept backlog is 5: with 200 clients connecting at once the
-    # kernel drops the overflow and the client sees a reset after sending (a failed submit).
-    # Real hosts accept thousands; so does the emulator here.
-    server._QuietServer.request_queue_size = 1024
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -359,7 +341,6 @@ def serve_main(argv: Sequence[str]) -> None:
     parser.add_argument("--processing-s", type=float, default=0.5)
     parser.add_argument("--clock-file", type=Path, default=None)
     args = parser.parse_args(argv)
-    fast_loopback()
     clock = SharedClock(args.clock_file) if args.clock_file else time.monotonic
     emu = Emulator(queue_s=args.queue_s, processing_s=args.processing_s, video_maker=tone_video_maker,
                    clock=clock, protocols=(WaveSpeedProtocol, SegmindProtocol, _control_protocol()))

@@ -218,7 +218,7 @@ def main(argv=None) -> int:
              r["peak_rss_mb"] < RSS_TARGET_MB),
             ("200 jobs", "notice delay median / p95 under load",
              f"{percentile(delays, 50):.2f} / {percentile(delays, 95):.2f} s", "<= 1 / 2 s",
-             bool(delays) and percentile(delays, 50) <= 1.0 and percentile(delays, 95) <= 2.0),
+             (percentile(delays, 50) <= 1.0 and percentile(delays, 95) <= 2.0) if delays else None),  # none: not measured
         ])
     return 1 if r["failures"] else 0
 
