@@ -249,6 +249,54 @@ def test_stop_ends_the_wait_and_says_what_happens_to_the_job(server, browser):
         context.close()
 
 
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory):
+    """An app whose polling plan is the real one (2-minute jobs: reads 12 s apart early on)."""
+    out_dir = tmp_path_factory.mktemp("browser-slow-outputs")
+    with Emulator(queue_s=0.0, processing_s=120, video_maker=tone_video_maker,
+                  api_keys={"wavespeed": TYPED_KEY}) as emu:
+        env = {"WAVESPEED_BASE_URL": emu.url, "AVATAR_OUTPUT_DIR": str(out_dir), "AVATAR_POLL_TYPICAL_S": "120"}
+        settings = load_settings(env=env, dotenv_path=None)
+        demo = app.build_demo(settings)
+        port = _free_port()
+        app.launch(demo, settings, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        try:
+            yield f"http://127.0.0.1:{port}/", emu
+        finally:
+            demo.close()
+
+
+def _elapsed_s(page) -> int:
+    text = page.locator("#status").inner_text()
+    m = re.search(r"Elapsed\s+(?:(\d+) min )?(\d+) s", text)
+    assert m, text
+    return int(m.group(1) or 0) * 60 + int(m.group(2))
+
+
+def test_the_clock_moves_between_status_reads(slow_server, browser):
+    """The page ticks every second on its own; the provider is not asked any more often."""
+    url, emu = slow_server
+    context, page = _open(browser, url)
+    try:
+        _add_inputs(page)
+        _choose_provider(page, "WaveSpeed", "WaveSpeed")
+        page.locator("#api-key input").fill(TYPED_KEY)
+        page.locator("#generate").click()
+        page.locator("#status").get_by_text("Generating the video").wait_for(timeout=JOB_TIMEOUT_MS)
+        page.wait_for_timeout(1500)  # past the first (quick) read; the next one is ~12 s away
+        reads = len(emu.requests.to("GET", r"/predictions/.*/result$"))
+        first = _elapsed_s(page)
+        page.wait_for_timeout(4000)
+        later = _elapsed_s(page)
+        assert len(emu.requests.to("GET", r"/predictions/.*/result$")) == reads, "the ticks made status reads"
+        assert 3 <= later - first <= 5, (first, later)
+        page.locator("#status").screenshot(path=str(ARTIFACTS / "status_while_waiting.png"))
+        page.locator("#stop").click()
+        expect(page.locator("#status")).to_contain_text("Stopped waiting", timeout=JOB_TIMEOUT_MS)
+    finally:
+        context.close()
+
+
 def _history_text(page) -> str:
     return page.locator("#history-table").inner_text()
 
