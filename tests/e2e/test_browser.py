@@ -8,6 +8,7 @@ page (desktop and phone width) go to tests/artifacts/ for a human to look at.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -60,6 +61,19 @@ def _audio_seconds(path: Path) -> float:
         return sum(f.samples for f in c.decode(stream)) / stream.rate
 
 
+@contextlib.contextmanager
+def _launched_app(env: dict[str, str]):
+    """The app with these settings on a free loopback port; yields its URL."""
+    settings = load_settings(env=env, dotenv_path=None)
+    demo = app.build_demo(settings)
+    port = _free_port()
+    app.launch(demo, settings, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("browser-outputs")
@@ -72,14 +86,8 @@ def server(tmp_path_factory):
             "AVATAR_OUTPUT_DIR": str(out_dir),
             "AVATAR_POLL_TYPICAL_S": "1",
         }
-        settings = load_settings(env=env, dotenv_path=None)
-        demo = app.build_demo(settings)
-        port = _free_port()
-        app.launch(demo, settings, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-        try:
-            yield f"http://127.0.0.1:{port}/", emu
-        finally:
-            demo.close()
+        with _launched_app(env) as url:
+            yield url, emu
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +123,19 @@ def _choose_provider(page, label: str, note: str) -> None:
     page.locator("#provider input").click()
     page.get_by_role("option", name=re.compile(label)).click()
     page.locator("#provider-note").get_by_text(re.compile(note)).wait_for()
+
+
+def _ready_for_wavespeed(browser, url: str):
+    """A page with both inputs checked, WaveSpeed chosen and the user's own key typed in."""
+    context, page = _open(browser, url)
+    try:
+        _add_inputs(page)
+        _choose_provider(page, "WaveSpeed", "WaveSpeed")
+        page.locator("#api-key input").fill(TYPED_KEY)
+    except BaseException:
+        context.close()
+        raise
+    return context, page
 
 
 def _generate_and_watch(page) -> list[str]:
@@ -191,11 +212,8 @@ def test_the_bundled_example_fills_and_checks_both_inputs(server, browser):
 
 def test_a_typed_key_stays_out_of_browser_storage(server, browser):
     url, emu = server
-    context, page = _open(browser, url)
+    context, page = _ready_for_wavespeed(browser, url)
     try:
-        _add_inputs(page)
-        _choose_provider(page, "WaveSpeed", "WaveSpeed")
-        page.locator("#api-key input").fill(TYPED_KEY)
         emu.requests.clear()
 
         statuses = _generate_and_watch(page)
@@ -227,11 +245,8 @@ def test_a_typed_key_stays_out_of_browser_storage(server, browser):
 def test_stop_ends_the_wait_and_says_what_happens_to_the_job(server, browser):
     url, emu = server
     emu.plan_jobs(JobPlan(processing_s=120))
-    context, page = _open(browser, url)
+    context, page = _ready_for_wavespeed(browser, url)
     try:
-        _add_inputs(page)
-        _choose_provider(page, "WaveSpeed", "WaveSpeed")
-        page.locator("#api-key input").fill(TYPED_KEY)
         page.locator("#generate").click()
         page.locator("#status").get_by_text("Generating the video").wait_for(timeout=JOB_TIMEOUT_MS)
         assert page.locator("#generate").is_disabled() and page.locator("#stop").is_enabled()
@@ -256,14 +271,8 @@ def slow_server(tmp_path_factory):
     with Emulator(queue_s=0.0, processing_s=120, video_maker=tone_video_maker,
                   api_keys={"wavespeed": TYPED_KEY}) as emu:
         env = {"WAVESPEED_BASE_URL": emu.url, "AVATAR_OUTPUT_DIR": str(out_dir), "AVATAR_POLL_TYPICAL_S": "120"}
-        settings = load_settings(env=env, dotenv_path=None)
-        demo = app.build_demo(settings)
-        port = _free_port()
-        app.launch(demo, settings, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-        try:
-            yield f"http://127.0.0.1:{port}/", emu
-        finally:
-            demo.close()
+        with _launched_app(env) as url:
+            yield url, emu
 
 
 def _elapsed_s(page) -> int:
@@ -276,11 +285,8 @@ def _elapsed_s(page) -> int:
 def test_the_clock_moves_between_status_reads(slow_server, browser):
     """The page ticks every second on its own; the provider is not asked any more often."""
     url, emu = slow_server
-    context, page = _open(browser, url)
+    context, page = _ready_for_wavespeed(browser, url)
     try:
-        _add_inputs(page)
-        _choose_provider(page, "WaveSpeed", "WaveSpeed")
-        page.locator("#api-key input").fill(TYPED_KEY)
         page.locator("#generate").click()
         page.locator("#status").get_by_text("Generating the video").wait_for(timeout=JOB_TIMEOUT_MS)
         page.wait_for_timeout(1500)  # past the first (quick) read; the next one is ~12 s away
@@ -304,11 +310,8 @@ def _history_text(page) -> str:
 def test_history_keeps_a_job_whose_page_was_closed_and_shows_it_only_to_that_browser(server, browser):
     url, emu = server
     emu.plan_jobs(JobPlan(processing_s=3.0))
-    context, page = _open(browser, url)
+    context, page = _ready_for_wavespeed(browser, url)
     try:
-        _add_inputs(page)
-        _choose_provider(page, "WaveSpeed", "WaveSpeed")
-        page.locator("#api-key input").fill(TYPED_KEY)
         page.locator("#generate").click()
         page.locator("#status").get_by_text("Generating the video").wait_for(timeout=JOB_TIMEOUT_MS)
         request_id = page.locator("#request-id").locator("input, textarea").first.input_value()
