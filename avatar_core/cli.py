@@ -49,7 +49,7 @@ def describe(event: JobEvent) -> str:
 
 
 def _status_key(event: JobEvent) -> tuple:
-    """What counts as a change worth a line (elapsed-time heartbeats do not)."""
+    """What counts as a change worth a line (a status read that brings no news does not)."""
     if isinstance(event, (QueuedEvent,)):
         return ("queued", event.position)
     if isinstance(event, ProcessingEvent):
