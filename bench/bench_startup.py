@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _support import ROOT, free_port, machine_line, print_table, write_figures  # noqa: E402
+from _support import ROOT, free_port, machine_line, print_table, stop_process, write_figures  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -69,12 +69,7 @@ def one_start(browser, tmp: Path) -> dict:
             page.close()
         return {"served": served, "usable": usable}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 

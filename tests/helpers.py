@@ -1,9 +1,10 @@
-"""Small helpers many tests share: collecting job events, checking an MP4, a free port,
-launching the app on 127.0.0.1."""
+"""Small helpers many tests (and the benchmarks) share: collecting job events, checking an
+MP4, a free port, stopping a child process."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 from pathlib import Path
 
 import av
@@ -36,3 +37,35 @@ async def until(gen, kind: type):
         if isinstance(event, kind):
             return event
     raise AssertionError(f"the job ended without a {kind.__name__} event")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Ask a child process to end (SIGTERM); kill it if it has not within ``timeout`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def run_through_read_faults(emu, provider: str, settings, inputs, faults, *, poll: str, submit: str) -> list:
+    """Run a job while ``faults`` hit its status reads (the first a 429 with Retry-After: 1).
+
+    Checks what every provider must do: the job still ends with its video, the paid submit
+    went out exactly once, and the read after the 429 waited the second it was told.
+    Returns the status reads (GETs matching ``poll``) for provider-specific checks.
+    """
+    from avatar_core import jobs
+    from avatar_core.events import Done
+
+    emu.faults.add(*faults)
+    image, audio = inputs
+    events = await collect(jobs.run_job(provider, image, audio, settings=settings))
+    assert isinstance(events[-1], Done), events[-1]
+    assert len(emu.requests_to("POST", submit)) == 1
+    polls = emu.requests_to("GET", poll)
+    assert polls[1].wall - polls[0].wall >= 0.95  # Retry-After: 1 was honoured
+    return polls

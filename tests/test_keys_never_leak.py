@@ -36,7 +36,7 @@ from gradio_client import Client, handle_file
 
 from avatar_core.emulator import Emulator, Fault, JobPlan, tone_video_maker
 from media_factory import make_image, make_tone
-from tests.helpers import free_port as _free_port
+from tests.helpers import free_port as _free_port, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -252,11 +252,7 @@ def matrix(tmp_path_factory, inputs):
                         wire.add(value.split(" ", 1)[-1])
         yield Matrix(out_dir, log_path, runs, wire, emus)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, timeout=20)
         for emu in emus.values():
             emu.stop()
 

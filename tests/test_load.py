@@ -25,7 +25,7 @@ from gradio_client import Client, handle_file
 
 from avatar_core.emulator import Emulator, tone_video_maker
 from media_factory import make_image, make_tone
-from tests.helpers import free_port as _free_port
+from tests.helpers import free_port as _free_port, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -120,11 +120,7 @@ def test_fifty_visitors_at_once(tmp_path):
             for t in threads:
                 t.join(timeout=JOB_TIMEOUT_S)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc, timeout=20)
 
         failures = [(i, r) for i, r in enumerate(results) if not isinstance(r, tuple)]
         assert not failures, failures[:3]
