@@ -26,7 +26,7 @@ from avatar_core.providers.base import SubmitRequest
 from avatar_core.providers.kling import KlingProvider, make_jwt
 from avatar_core.store import JobStore
 from tests.media_factory import make_image, make_tone
-from tests.helpers import check_mp4, collect, until
+from tests.helpers import check_mp4, collect, run_through_read_faults, until
 
 ACCESS = "ak-test-3fQ9"
 SECRET = "sk-test-very-secret-Zp81"
@@ -254,18 +254,12 @@ async def test_inline_files_within_klings_limits_and_over_them_refused_before_se
 
 
 async def test_429_and_5xx_on_reads_are_survived_with_one_submit(emu, settings, inputs):
-    image, audio = inputs
-    emu.faults.add(
+    polls = await run_through_read_faults(emu, "kling", settings, inputs, [
         Fault("status", rf"^{PATH}/", method="GET", count=1, status=429, retry_after=1),
         Fault("status", rf"^{PATH}/", method="GET", count=3, status=503),
         Fault("body", rf"^{PATH}/", method="GET", count=1, body=envelope_error(5000, "Server internal error")),
-    )
-    events = await collect(jobs.run_job("kling", image, audio, settings=settings))
-    assert isinstance(events[-1], Done), events[-1]
-    assert len(emu.requests_to("POST", SUBMIT)) == 1
-    polls = emu.requests_to("GET", rf"^{PATH}/")
+    ], poll=rf"^{PATH}/", submit=SUBMIT)
     assert len(polls) >= 6
-    assert polls[1].wall - polls[0].wall >= 0.95  # Retry-After: 1 was honoured
 
 
 async def test_rate_limit_on_submit_is_a_refusal_so_it_is_sent_again(emu, settings, inputs):

@@ -23,7 +23,7 @@ from avatar_core.providers.base import SubmitRequest
 from avatar_core.providers.replicate import ReplicateProvider
 from avatar_core.store import JobStore
 from tests.media_factory import make_image, make_tone
-from tests.helpers import check_mp4, collect, until
+from tests.helpers import check_mp4, collect, run_through_read_faults, until
 
 TOKEN = "r8_test_token_5Hq2"
 MODEL = "kwaivgi/kling-avatar-v2"
@@ -155,17 +155,11 @@ async def test_an_oversized_inline_file_is_refused_before_sending(tmp_path, emu)
 
 
 async def test_429_and_5xx_on_reads_are_survived_with_one_submit(emu, settings, inputs):
-    image, audio = inputs
-    emu.faults.add(
+    polls = await run_through_read_faults(emu, "replicate", settings, inputs, [
         Fault("status", r"^/v1/predictions/[^/]+$", method="GET", count=1, status=429, retry_after=1),
         Fault("status", r"^/v1/predictions/[^/]+$", method="GET", count=3, status=503),
-    )
-    events = await collect(jobs.run_job("replicate", image, audio, settings=settings))
-    assert isinstance(events[-1], Done), events[-1]
-    assert len(emu.requests_to("POST", PREDICT)) == 1
-    polls = emu.requests_to("GET", r"^/v1/predictions/")
+    ], poll=r"^/v1/predictions/", submit=PREDICT)
     assert len(polls) >= 5
-    assert polls[1].wall - polls[0].wall >= 0.95  # Retry-After: 1 was honoured
 
 
 async def test_upload_5xx_is_retried(emu, settings, inputs):

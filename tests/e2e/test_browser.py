@@ -138,6 +138,12 @@ def _ready_for_wavespeed(browser, url: str):
     return context, page
 
 
+def _start_job(page) -> None:
+    """Press Generate and wait until the provider has the job."""
+    page.locator("#generate").click()
+    page.locator("#status").get_by_text("Generating the video").wait_for(timeout=JOB_TIMEOUT_MS)
+
+
 def _generate_and_watch(page) -> list[str]:
     """Press Generate and record every distinct status text until the job is done."""
     page.locator("#generate").click()
@@ -247,8 +253,7 @@ def test_stop_ends_the_wait_and_says_what_happens_to_the_job(server, browser):
     emu.plan_jobs(JobPlan(processing_s=120))
     context, page = _ready_for_wavespeed(browser, url)
     try:
-        page.locator("#generate").click()
-        page.locator("#status").get_by_text("Generating the video").wait_for(timeout=JOB_TIMEOUT_MS)
+        _start_job(page)
         assert page.locator("#generate").is_disabled() and page.locator("#stop").is_enabled()
         page.locator("#stop").click()
         expect(page.locator("#status")).to_contain_text("Stopped waiting", timeout=JOB_TIMEOUT_MS)
@@ -287,8 +292,7 @@ def test_the_clock_moves_between_status_reads(slow_server, browser):
     url, emu = slow_server
     context, page = _ready_for_wavespeed(browser, url)
     try:
-        page.locator("#generate").click()
-        page.locator("#status").get_by_text("Generating the video").wait_for(timeout=JOB_TIMEOUT_MS)
+        _start_job(page)
         page.wait_for_timeout(1500)  # past the first (quick) read; the next one is ~12 s away
         reads = len(emu.requests.to("GET", r"/predictions/.*/result$"))
         first = _elapsed_s(page)
@@ -312,8 +316,7 @@ def test_history_keeps_a_job_whose_page_was_closed_and_shows_it_only_to_that_bro
     emu.plan_jobs(JobPlan(processing_s=3.0))
     context, page = _ready_for_wavespeed(browser, url)
     try:
-        page.locator("#generate").click()
-        page.locator("#status").get_by_text("Generating the video").wait_for(timeout=JOB_TIMEOUT_MS)
+        _start_job(page)
         request_id = page.locator("#request-id").locator("input, textarea").first.input_value()
         assert request_id
         page.close()  # the tab closes mid-job
