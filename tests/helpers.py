@@ -7,21 +7,12 @@ import socket
 import subprocess
 from pathlib import Path
 
-import av
+from tests.mp4check import check_mp4, inspect_mp4  # noqa: F401 (shared with every test)
 
 
 async def collect(gen) -> list:
     """Every event an async generator yields, in order."""
     return [e async for e in gen]
-
-
-def check_mp4(path: Path, seconds: float) -> None:
-    """An H.264 + AAC MP4 as long as the voice clip (within 0.1 s)."""
-    with av.open(str(path)) as c:
-        assert c.streams.video and c.streams.audio, "video and audio streams expected"
-        assert c.streams.video[0].codec_context.name == "h264"
-        assert c.streams.audio[0].codec_context.name == "aac"
-        assert abs(c.duration / 1e6 - seconds) <= 0.1
 
 
 def free_port() -> int:

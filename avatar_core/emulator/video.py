@@ -61,9 +61,11 @@ def _image_colour(image_path: Path) -> tuple[int, int, int]:
 
 
 def tone_video_maker(image_path: PathLike, audio_path: PathLike, out_path: PathLike, tier: str = "standard") -> None:
-    """A tiny solid-colour H.264 + AAC MP4 exactly as long as the audio (via PyAV).
+    """A tiny H.264 + AAC MP4 exactly as long as the audio (via PyAV), index first.
 
-    The colour is the image's average, so different inputs give different files.
+    The picture is the image's average colour, so different inputs give different files,
+    with a dark bar sweeping across it every 0.7 s: a result that moves, as a real one
+    does, so tests can check that a downloaded video plays as a moving picture.
     """
     import av
     import numpy as np
@@ -82,15 +84,20 @@ def tone_video_maker(image_path: PathLike, audio_path: PathLike, out_path: PathL
     pcm = np.concatenate(chunks, axis=1) if chunks else np.zeros((1, 0), dtype=np.float32)
     duration = pcm.shape[1] / rate
 
-    with av.open(str(out_path), "w", format="mp4") as dst:
-        vstream = dst.add_stream("libx264", rate=TONE_FPS, options={"preset": "ultrafast", "tune": "stillimage"})
+    with av.open(str(out_path), "w", format="mp4", options={"movflags": "+faststart"}) as dst:
+        vstream = dst.add_stream("libx264", rate=TONE_FPS, options={"preset": "ultrafast"})
         vstream.width, vstream.height = TONE_SIZE
         vstream.pix_fmt = "yuv420p"
         astream = dst.add_stream("aac", rate=rate, layout="mono")
-        picture = np.empty((TONE_SIZE[1], TONE_SIZE[0], 3), dtype=np.uint8)
-        picture[:] = colour
+        still = np.empty((TONE_SIZE[1], TONE_SIZE[0], 3), dtype=np.uint8)
+        still[:] = colour
+        sweep = 7  # frames per sweep: not a whole second, so frames 1 s apart differ
+        bar = max(1, TONE_SIZE[0] // sweep)
         n_frames = max(1, round(duration * TONE_FPS))
         for i in range(n_frames):
+            picture = still.copy()
+            x = (i % sweep) * bar
+            picture[:, x : x + bar] = picture[:, x : x + bar] // 3
             frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
             frame.pts = i
             frame.time_base = Fraction(1, TONE_FPS)

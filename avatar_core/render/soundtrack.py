@@ -1,8 +1,11 @@
-"""Decode the voice track once: AAC packets for the MP4 and a loudness value per video frame.
+"""The voice track of a render: its loudness per video frame, then its AAC packets, streamed.
 
-Everything goes through PyAV (there is no ffmpeg binary on the machines we target), and
-the whole track is read in one streaming pass, so a 5-minute MP3 never sits in memory as
-PCM: only its AAC packets (about 1 MB per minute) and one float per video frame are kept.
+Everything goes through PyAV (there is no ffmpeg binary on the machines we target). The
+track is read twice, each time in one streaming pass: :func:`measure_loudness` keeps one
+float per video frame (the animation needs the whole clip's loudness before the first
+frame, to scale the mouth to the loudest speech), and :func:`aac_packets` encodes AAC
+lazily while the caller muxes video, so no packet is held longer than it takes to reach
+the file. A 5-minute clip costs the same memory as a 5-second one.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterator
 
 import av
 import numpy as np
@@ -24,30 +28,37 @@ AUDIO_RATE = 48_000
 AAC_BITRATE = 128_000
 # The native AAC encoder takes exactly this many samples per frame (except the last).
 AAC_FRAME_SAMPLES = 1024
+# Loudness is measured on a mono mix at this rate: plenty for a jaw's envelope, and a
+# third of the work of measuring at 48 kHz.
+MEASURE_RATE = 16_000
+
+_UNREADABLE = "Use an MP3, WAV, M4A or AAC file."
 
 
 @dataclass(frozen=True)
-class Soundtrack:
-    """The encoded audio of one render and what the animation needs from it."""
+class Loudness:
+    """What the animation needs from the voice: its length and RMS per video frame."""
 
-    packets: tuple  # av.Packet objects for the output audio stream, in decode order
     duration_s: float
     rms: np.ndarray  # linear RMS (full scale = 1.0) of the mono mix, one value per video frame
+
+    @property
+    def frames(self) -> int:
+        return int(self.rms.shape[0])
 
 
 def open_audio(path: str | Path) -> tuple[av.container.InputContainer, av.audio.stream.AudioStream]:
     """Open an audio (or video-with-audio) file; InputError if PyAV cannot read it."""
     try:
-        container = av.open(str(path))
+        container = av.open(str(path), metadata_errors="ignore")
     except (av.error.FFmpegError, OSError) as exc:
         raise InputError(
-            f"Could not read the audio file {Path(path).name!r} ({type(exc).__name__}). "
-            "Use an MP3, WAV, M4A or AAC file."
+            f"Could not read the audio file {Path(path).name!r} ({type(exc).__name__}). {_UNREADABLE}"
         ) from exc
     streams = [s for s in container.streams if s.type == "audio"]
     if not streams:
         container.close()
-        raise InputError(f"{Path(path).name!r} has no audio track. Use an MP3, WAV, M4A or AAC file.")
+        raise InputError(f"{Path(path).name!r} has no audio track. {_UNREADABLE}")
     return container, streams[0]
 
 
@@ -57,77 +68,88 @@ def output_layout(stream: av.audio.stream.AudioStream) -> str:
     return "mono" if channels == 1 else "stereo"
 
 
-def encode_soundtrack(
-    source: av.container.InputContainer,
-    in_stream: av.audio.stream.AudioStream,
-    out_stream: av.audio.stream.AudioStream,
-    *,
-    fps: int,
-    cancel: threading.Event | None = None,
-) -> Soundtrack:
-    """Decode ``in_stream``, encode it with ``out_stream``'s AAC encoder, measure loudness.
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise JobCancelled("The local preview was cancelled.")
 
-    The RMS of frame ``i`` covers samples ``[i / fps, (i + 1) / fps)``. Raises InputError
-    when the audio cannot be decoded or holds no samples, JobCancelled when ``cancel`` is set.
-    """
-    resampler = av.AudioResampler(format="fltp", layout=out_stream.layout.name, rate=AUDIO_RATE)
-    fifo = av.AudioFifo()
-    packets: list = []
-    sums = np.zeros(0, dtype=np.float64)  # sum of squares per video frame
-    written = 0  # samples pushed to the encoder
-    seen = 0  # samples measured
-    samples_per_frame = AUDIO_RATE / fps
 
-    def measure(frame: av.AudioFrame) -> None:
-        nonlocal sums, seen
-        pcm = frame.to_ndarray()  # (channels, samples) float32 for planar formats
-        mono = pcm.mean(axis=0, dtype=np.float64) if pcm.ndim == 2 else pcm.astype(np.float64)
-        n = mono.shape[0]
-        idx = (np.arange(seen, seen + n, dtype=np.int64) * fps) // AUDIO_RATE
-        need = int(idx[-1]) + 1
-        if need > sums.shape[0]:
-            sums = np.concatenate([sums, np.zeros(need - sums.shape[0] + 256)])
-        sums[: need] += np.bincount(idx, weights=mono * mono, minlength=need)[:need]
-        seen += n
-
-    def drain(final: bool) -> None:
-        nonlocal written
-        while fifo.samples >= AAC_FRAME_SAMPLES or (final and fifo.samples > 0):
-            chunk = fifo.read(min(AAC_FRAME_SAMPLES, fifo.samples))
-            chunk.pts = written
-            chunk.time_base = Fraction(1, AUDIO_RATE)
-            written += chunk.samples
-            packets.extend(out_stream.encode(chunk))
-
-    def push(frames) -> None:
-        for frame in frames:
-            frame.pts = None  # the fifo re-times everything from zero
-            measure(frame)
-            fifo.write(frame)
-        drain(final=False)
-
+def _decoded(source: av.container.InputContainer, stream: av.audio.stream.AudioStream,
+             resampler: av.AudioResampler, cancel: threading.Event | None) -> Iterator[av.AudioFrame]:
+    """Every frame of ``stream`` through ``resampler``, flushed at the end."""
     try:
-        for frame in source.decode(in_stream):
-            if cancel is not None and cancel.is_set():
-                raise JobCancelled("The local preview was cancelled.")
-            push(resampler.resample(frame))
-        push(resampler.resample(None))
+        for frame in source.decode(stream):
+            _check(cancel)
+            frame.pts = None  # the resampler re-times everything from zero
+            yield from resampler.resample(frame)
+        yield from resampler.resample(None)
     except av.error.FFmpegError as exc:
-        raise InputError(
-            f"The audio file could not be decoded ({type(exc).__name__}). Use an MP3, WAV, M4A or AAC file."
-        ) from exc
-    drain(final=True)
-    packets.extend(out_stream.encode(None))
+        raise InputError(f"The audio file could not be decoded ({type(exc).__name__}). {_UNREADABLE}") from exc
+
+
+def measure_loudness(path: str | Path, *, fps: int, cancel: threading.Event | None = None) -> Loudness:
+    """One streaming pass over ``path``: its duration and the RMS of each 1/fps slice.
+
+    The RMS of frame ``i`` covers ``[i / fps, (i + 1) / fps)``; the video has
+    ``round(duration * fps)`` frames (at least one). Raises InputError when the audio
+    cannot be decoded or holds no samples, JobCancelled when ``cancel`` is set.
+    """
+    source, stream = open_audio(path)
+    sums = np.zeros(4096, dtype=np.float64)  # sum of squares per video frame, grown as needed
+    seen = 0
+    try:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=MEASURE_RATE)
+        for frame in _decoded(source, stream, resampler, cancel):
+            mono = frame.to_ndarray().reshape(-1).astype(np.float64)
+            if mono.size == 0:
+                continue
+            idx = (np.arange(seen, seen + mono.size, dtype=np.int64) * fps) // MEASURE_RATE
+            need = int(idx[-1]) + 1
+            if need > sums.shape[0]:
+                sums = np.concatenate([sums, np.zeros(max(need - sums.shape[0], sums.shape[0]))])
+            sums[:need] += np.bincount(idx, weights=mono * mono, minlength=need)[:need]
+            seen += mono.size
+    finally:
+        source.close()
     if seen == 0:
         raise InputError("The audio file holds no sound samples. Use a voice recording of at least 2 seconds.")
-
-    duration = seen / AUDIO_RATE
+    duration = seen / MEASURE_RATE
     n_frames = max(1, round(duration * fps))
-    counts = np.full(n_frames, samples_per_frame)
-    # The last frame may cover fewer samples than the others.
-    counts[-1] = max(1.0, seen - (n_frames - 1) * samples_per_frame)
+    per_frame = MEASURE_RATE / fps
+    counts = np.full(n_frames, per_frame)
+    counts[-1] = max(1.0, seen - (n_frames - 1) * per_frame)  # the last frame may be short
     padded = np.zeros(n_frames)
     m = min(n_frames, sums.shape[0])
     padded[:m] = sums[:m]
     rms = np.sqrt(np.maximum(padded, 0.0) / counts).astype(np.float32)
-    return Soundtrack(packets=tuple(packets), duration_s=duration, rms=rms)
+    return Loudness(duration_s=duration, rms=rms)
+
+
+def aac_packets(path: str | Path, out_stream: av.audio.stream.AudioStream, *,
+                cancel: threading.Event | None = None) -> Iterator[av.Packet]:
+    """Decode ``path`` again and yield ``out_stream``'s AAC packets in order, lazily.
+
+    Frames are re-timed from zero in samples at :data:`AUDIO_RATE`, so the packets line up
+    with video frame ``i`` at ``i / fps`` whatever the source's own timestamps were.
+    """
+    source, stream = open_audio(path)
+    fifo = av.AudioFifo()
+    written = 0
+    rate = Fraction(1, AUDIO_RATE)
+
+    def drain(final: bool) -> Iterator[av.Packet]:
+        nonlocal written
+        while fifo.samples >= AAC_FRAME_SAMPLES or (final and fifo.samples > 0):
+            chunk = fifo.read(min(AAC_FRAME_SAMPLES, fifo.samples))
+            chunk.pts, chunk.time_base = written, rate
+            written += chunk.samples
+            yield from out_stream.encode(chunk)
+
+    try:
+        resampler = av.AudioResampler(format="fltp", layout=out_stream.layout.name, rate=AUDIO_RATE)
+        for frame in _decoded(source, stream, resampler, cancel):
+            fifo.write(frame)
+            yield from drain(final=False)
+        yield from drain(final=True)
+        yield from out_stream.encode(None)
+    finally:
+        source.close()

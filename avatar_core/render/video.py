@@ -23,7 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..errors import AvatarError, InputError, JobCancelled
 from ..media.face import FaceBox, detect_eyes, detect_faces
 from .motion import FaceAnimator, IdleAnimator, blink_track, mouth_openness
-from .soundtrack import AAC_BITRATE, AUDIO_RATE, encode_soundtrack, open_audio, output_layout
+from .soundtrack import AAC_BITRATE, AUDIO_RATE, aac_packets, measure_loudness, open_audio, output_layout
 
 # Output size limits per tier (long side x short side), matching what the hosted models
 # deliver: standard about 720p, pro about 1080p.
@@ -45,7 +45,7 @@ MAX_FPS = 60
 DRAW_AHEAD = 2
 # Report progress at most this often (fraction of the frames), so callbacks stay cheap.
 PROGRESS_STEP = 0.01
-# Share of the progress bar spent decoding and encoding the audio before the first frame.
+# Share of the progress bar spent measuring the voice's loudness before the first frame.
 AUDIO_PROGRESS = 0.05
 
 NO_FACE_NOTE = "No face found: animated gently without a mouth."
@@ -163,36 +163,43 @@ def render_video(
     eyes = [_scale_box(e, sx, sy) for e in detect_eyes(img, faces[0])] if faces else []
     del img
 
+    loudness = measure_loudness(audio, fps=fps, cancel=cancel)
+    report(AUDIO_PROGRESS)
+    n_frames = loudness.frames
+    opening = mouth_openness(loudness.rms, fps)
+    blinks = blink_track(n_frames, fps)
+    # The head lifts with the *phrase*, not each syllable: a slow average of the opening.
+    kernel = np.ones(max(1, fps // 2)) / max(1, fps // 2)
+    speech = np.convolve(opening, kernel, mode="same")
+    animator = FaceAnimator(base, face, eyes, fps) if face else IdleAnimator(base, fps)
+    # Every frame is stamped in this time base, never in the stream's: the muxer changes
+    # the stream's time base when it writes the header (to 1/12800 at 25 fps), and frames
+    # stamped in that one would all land at time 0.
+    frame_time = Fraction(1, fps)
+
     partial = _partial_path(out_path)
     source, in_stream = open_audio(audio)
+    layout = output_layout(in_stream)
+    source.close()
     container = None
+    sound = None
     try:
         partial.parent.mkdir(parents=True, exist_ok=True)
         container = av.open(str(partial), "w", format="mp4", options={"movflags": "+faststart"})
         vstream = container.add_stream("libx264", rate=fps)
         vstream.width, vstream.height, vstream.pix_fmt = width, height, "yuv420p"
-        vstream.time_base = Fraction(1, fps)
+        vstream.time_base = frame_time
         vstream.options = {"preset": X264_PRESET, "crf": str(X264_CRF), "profile": "high"}
         ctx = vstream.codec_context
         ctx.thread_count = X264_THREADS
         # Our frames are BT.601 limited range (cv2's I420 conversion); say so, so players agree.
         ctx.color_range = 1
         ctx.colorspace = ctx.color_primaries = ctx.color_trc = 6
-        astream = container.add_stream("aac", rate=AUDIO_RATE, layout=output_layout(in_stream))
+        astream = container.add_stream("aac", rate=AUDIO_RATE, layout=layout)
         astream.bit_rate = AAC_BITRATE
-
-        track = encode_soundtrack(source, in_stream, astream, fps=fps, cancel=cancel)
-        report(AUDIO_PROGRESS)
-        n_frames = int(track.rms.shape[0])
-        opening = mouth_openness(track.rms, fps)
-        blinks = blink_track(n_frames, fps)
-        # The head lifts with the *phrase*, not each syllable: a slow average of the opening.
-        kernel = np.ones(max(1, fps // 2)) / max(1, fps // 2)
-        speech = np.convolve(opening, kernel, mode="same")
-        animator = FaceAnimator(base, face, eyes, fps) if face else IdleAnimator(base, fps)
-
-        audio_packets = list(track.packets)
-        next_audio = 0
+        # AAC is encoded as the video goes, so nothing is held for the whole clip.
+        sound = aac_packets(audio, astream, cancel=cancel)
+        pending = next(sound, None)
         step = max(1, int(n_frames * PROGRESS_STEP))
 
         def draw(i: int) -> np.ndarray:
@@ -210,20 +217,20 @@ def render_video(
                 if i + DRAW_AHEAD < n_frames:
                     ahead.append(pool.submit(draw, i + DRAW_AHEAD))
                 frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
-                frame.pts = i
-                frame.time_base = vstream.time_base
+                frame.pts, frame.time_base = i, frame_time
                 # Interleave: audio up to the end of this frame, then the frame's packets.
                 horizon = (i + 1) / fps
-                while next_audio < len(audio_packets) and _packet_time(audio_packets[next_audio]) < horizon:
-                    container.mux(audio_packets[next_audio])
-                    next_audio += 1
+                while pending is not None and _packet_time(pending) < horizon:
+                    container.mux(pending)
+                    pending = next(sound, None)
                 container.mux(vstream.encode(frame))
                 if i % step == 0:
                     report(AUDIO_PROGRESS + (1 - AUDIO_PROGRESS) * i / n_frames)
         check_cancel()
         container.mux(vstream.encode(None))
-        for packet in audio_packets[next_audio:]:
-            container.mux(packet)
+        while pending is not None:
+            container.mux(pending)
+            pending = next(sound, None)
         container.close()
         container = None
         os.replace(partial, out_path)
@@ -242,12 +249,10 @@ def render_video(
                 "Check there is free disk space, then try again."
             ) from exc
         raise
-    finally:
-        source.close()
     report(1.0)
     return RenderResult(
         path=out_path,
-        duration_s=track.duration_s,
+        duration_s=loudness.duration_s,
         width=width,
         height=height,
         fps=fps,
