@@ -69,7 +69,9 @@ class _Filled:
 
         return filled
 
-
+# The face's centre and half-width / half-height, as fractions of the picture's size.
+FACE_CENTRE = (0.5, 0.42)
+FACE_HALF_SIZE = (0.25, 0.25)
 # The mouth, in face half-sizes: a third of the way from the nostrils to the chin, about as
 # wide as the distance between the pupils' inner edges. The upper lip's red is thinner than
 # the lower lip's (about 2:3), as in most faces.
@@ -127,8 +129,8 @@ def draw_portrait() -> Image.Image:
     )
     img = Image.fromarray(bg.clip(0, 255).astype(np.uint8), "RGB")
 
-    cx, cy = w / 2, h * 0.42  # face centre
-    fw, fh = w * 0.25, h * 0.25  # face half-width / half-height
+    cx, cy = w * FACE_CENTRE[0], h * FACE_CENTRE[1]
+    fw, fh = w * FACE_HALF_SIZE[0], h * FACE_HALF_SIZE[1]
 
     # Shoulders and shirt, then the neck.
     img = _blend(img, (48, 62, 92), _soft_shape((w, h), lambda d: d.ellipse(
