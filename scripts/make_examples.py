@@ -4,7 +4,7 @@ Both are made here, by the project, so they carry no third-party rights:
 
 * ``examples/portrait.jpg`` - a shaded face drawn with Pillow. It is drawn with the light
   and dark regions a face detector looks for (dark eye sockets and brows, a lit nose
-  bridge, a darker mouth) so the app's face check finds it.
+  bridge, darker lips) so the app's face check finds it.
 * ``examples/voice.mp3`` - a short sentence spoken by ``espeak-ng`` (needed only to
   regenerate; the committed file is used at runtime), encoded with PyAV as small mono MP3.
 
@@ -69,6 +69,55 @@ class _Filled:
 
         return filled
 
+# The face's centre and half-width / half-height, as fractions of the picture's size.
+FACE_CENTRE = (0.5, 0.42)
+FACE_HALF_SIZE = (0.25, 0.25)
+# The mouth, in face half-sizes: a third of the way from the nostrils to the chin, about as
+# wide as the distance between the pupils' inner edges. The upper lip's red is thinner than
+# the lower lip's (about 2:3), as in most faces.
+MOUTH_Y = 0.55
+MOUTH_HALF_WIDTH = 0.36
+UPPER_LIP = 0.080  # heights at the centre, as fractions of the face half-height
+LOWER_LIP = 0.110
+UPPER_LIP_RGB = (156, 74, 76)  # the upper lip faces down, so it is in shade
+LOWER_LIP_RGB = (182, 92, 88)
+LIP_HIGHLIGHT_RGB = (212, 134, 124)
+
+
+def _lip_outline(cx: float, seam_y: float, half: float, fh: float, n: int = 48):
+    """Points of the upper and the lower lip: a Cupid's bow on top, a full curve below,
+    meeting along a gently curved seam at the corners."""
+    u = np.linspace(-1.0, 1.0, n)
+    xs = cx + half * u
+    seam = seam_y + 0.012 * fh * (1 - u**2)
+    bow = (1 - u**2) ** 0.55 * (1 - 0.28 * np.exp(-((u / 0.13) ** 2)))  # a dip at the philtrum
+    top = seam - UPPER_LIP * fh * bow
+    bottom = seam + LOWER_LIP * fh * (1 - u**2) ** 0.6
+    # The upper lip reaches a little under the seam so that no skin shows between the two
+    # soft-edged shapes (that would draw a light line; a gap of shade, a dark one).
+    upper = list(zip(xs, top)) + list(zip(xs[::-1], seam[::-1] + 0.012 * fh))
+    lower = list(zip(xs, seam)) + list(zip(xs[::-1], bottom[::-1]))
+    return upper, lower
+
+
+def _draw_lips(img: Image.Image, cx: float, seam_y: float, half: float, fh: float) -> Image.Image:
+    """Closed lips: a shaded upper lip, a fuller and lighter lower lip with a soft highlight,
+    small shadows at the corners and under the lower lip; no line between them."""
+    size = img.size
+    upper, lower = _lip_outline(cx, seam_y, half, fh)
+    # The shade under the lower lip, on the skin above the chin.
+    img = _blend(img, (168, 112, 92), _soft_shape(size, lambda d: d.ellipse(
+        (cx - half * 0.6, seam_y + fh * 0.08, cx + half * 0.6, seam_y + fh * 0.16)), 7))
+    img = _blend(img, UPPER_LIP_RGB, _soft_shape(size, lambda d: d.polygon(upper), 1.6))
+    img = _blend(img, LOWER_LIP_RGB, _soft_shape(size, lambda d: d.polygon(lower), 1.6))
+    img = _blend(img, LIP_HIGHLIGHT_RGB, _soft_shape(size, lambda d: d.ellipse(
+        (cx - half * 0.35, seam_y + fh * 0.035, cx + half * 0.35, seam_y + fh * 0.07)), 5))
+    for side in (-1, 1):  # the corners, where the lips fold in
+        x = cx + side * half * 0.97
+        img = _blend(img, (132, 74, 66), _soft_shape(size, lambda d, x=x: d.ellipse(
+            (x - half * 0.06, seam_y - fh * 0.012, x + half * 0.06, seam_y + fh * 0.014)), 2))
+    return img
+
 
 def draw_portrait() -> Image.Image:
     """A front-facing, evenly lit head and shoulders."""
@@ -80,8 +129,8 @@ def draw_portrait() -> Image.Image:
     )
     img = Image.fromarray(bg.clip(0, 255).astype(np.uint8), "RGB")
 
-    cx, cy = w / 2, h * 0.42  # face centre
-    fw, fh = w * 0.25, h * 0.25  # face half-width / half-height
+    cx, cy = w * FACE_CENTRE[0], h * FACE_CENTRE[1]
+    fw, fh = w * FACE_HALF_SIZE[0], h * FACE_HALF_SIZE[1]
 
     # Shoulders and shirt, then the neck.
     img = _blend(img, (48, 62, 92), _soft_shape((w, h), lambda d: d.ellipse(
@@ -147,12 +196,7 @@ def draw_portrait() -> Image.Image:
         img = _blend(img, (95, 58, 48), _soft_shape((w, h), lambda d, nx=nx: d.ellipse(
             (nx - fw * 0.05, cy + fh * 0.27, nx + fw * 0.05, cy + fh * 0.33)), 2))
 
-    # Mouth: darker lips with a line between them.
-    mouth_y = cy + fh * 0.52
-    img = _blend(img, (160, 78, 74), _soft_shape((w, h), lambda d: d.ellipse(
-        (cx - fw * 0.30, mouth_y - fh * 0.07, cx + fw * 0.30, mouth_y + fh * 0.09)), 2.5))
-    img = _blend(img, (80, 34, 34), _soft_shape((w, h), lambda d: d.line(
-        (cx - fw * 0.28, mouth_y, cx, mouth_y + fh * 0.015, cx + fw * 0.28, mouth_y), width=4), 1.5))
+    img = _draw_lips(img, cx, cy + fh * MOUTH_Y, fw * MOUTH_HALF_WIDTH, fh)
 
     # A little even grain so it compresses and detects like a photo, not a flat drawing.
     rng = np.random.default_rng(7)

@@ -16,21 +16,37 @@ import numpy as np
 from ..media.face import FaceBox
 
 # Where features sit inside an OpenCV Haar face box (measured on frontal portraits: the box
-# runs from the brows to just under the lower lip).
-LIP_SEARCH = (0.74, 0.98)  # the lips lie between these fractions of the height (below the nostrils)
+# runs from the brows to just under the lower lip; on drawn faces it is looser and the lips
+# sit higher, about 0.72).
+LIP_SEARCH = (0.66, 1.02)  # the lips lie between these fractions of the height (below the nostrils)
+LIP_SEARCH_HALF_WIDTH = 0.30  # and within this much of the box width either side of its centre
 LIP_DEFAULT = 0.85
 LIP_MIN_REDNESS = 0.3  # mean Cr excess per searched row below which redness is no guide (grey images)
+LIP_EDGE = 0.3  # a row or column is lip while its redness is above this share of the peak's
+LIP_GAP = 0.06  # red bands this close (fraction of the box height) are one mouth (teeth between)
+# The upper lip's red is about 2:3 of the lower lip's, so closed lips meet at about this
+# fraction of their height; used when no darker seam (or gap between teeth) shows.
+LIP_SEAM_SHARE = 0.42
+LIP_SEAM_CONTRAST = 10.0  # grey levels a seam must be darker than the lips above and below it
+# Half the mouth's width when its corners cannot be measured, and the range a measurement
+# is trusted in (fractions of the box width).
+MOUTH_HALF_WIDTH = 0.20
+MOUTH_HALF_WIDTH_RANGE = (0.08, 0.30)
 CHIN = 1.12  # the chin tip, as a fraction of the box height below its top
 NECK = 1.40  # where the jaw's pull fades out, and the pivot of the head's sway
-MOUTH_HALF_WIDTH = 0.22  # half the mouth's width, as a fraction of the box width
 JAW_HALF_WIDTH = 0.36  # half the jaw's width
 # How far the mouth opens at full loudness, as a fraction of the face height: about what a
-# speaker's jaw drops on an open vowel. The upper lip takes a quarter of the opening.
+# speaker's jaw drops on an open vowel, but never taller than this share of the mouth's
+# width (an "ah" is wider than tall). The upper lip takes a third of the opening.
 MOUTH_OPEN_MAX = 0.10
-UPPER_LIP_SHARE = 0.25
-# Colours of the open mouth (RGB): a dark interior with a hint of upper teeth.
-MOUTH_DARK = np.array([48, 20, 24], dtype=np.float32)
-TEETH = np.array([205, 198, 190], dtype=np.float32)
+MOUTH_OPEN_ASPECT = 0.45
+UPPER_LIP_SHARE = 0.33
+# Colours of the open mouth (RGB): a dark interior, a reddish tongue low at the back, and a
+# hint of upper teeth when the source shows none already.
+MOUTH_DARK = np.array([38, 14, 18], dtype=np.float32)
+MOUTH_INNER_LIP = np.array([96, 36, 40], dtype=np.float32)  # the wet inner side of the lips
+TONGUE = np.array([120, 52, 58], dtype=np.float32)
+TEETH = np.array([200, 192, 184], dtype=np.float32)
 
 # Loudness to mouth opening: the loudest speech (95th percentile) opens fully, anything this
 # many dB below it is a closed mouth, and true silence never opens it.
@@ -148,46 +164,102 @@ class FaceAnimator:
 
     # ---------------------------------------------------------------- mouth
 
-    def _lip_line(self) -> int:
-        """The row between the lips: the centre of the reddest rows under the nose (lips are
-        redder than skin, in YCrCb's Cr), else the darkest row there, else a typical position."""
+    def _find_lips(self) -> tuple[int, float, float]:
+        """The row between the lips and the mouth's centre and half-width (pixels).
+
+        Lips are redder than skin (YCrCb's Cr): the red band under the nose gives the lips'
+        rows and, across those rows, the corners. Between the lips the line is a darker seam
+        (or the gap between teeth) when one shows, else where a thinner upper lip meets the
+        fuller lower one. Grey pictures fall back to the darkest row and typical proportions."""
         f = self.face
+        cx = f.x + f.w / 2.0
+        default = (min(self.h - 1, f.y + int(LIP_DEFAULT * f.h)), cx, MOUTH_HALF_WIDTH * f.w)
         y0 = min(self.h - 2, f.y + int(LIP_SEARCH[0] * f.h))
         y1 = min(self.h - 1, f.y + int(LIP_SEARCH[1] * f.h))
-        cx = f.x + f.w // 2
-        half = max(2, int(0.14 * f.w))
-        band = self.base[y0:y1, max(0, cx - half): min(self.w, cx + half)]
-        if band.shape[0] < 5 or band.shape[1] < 2:
-            return min(self.h - 1, f.y + int(LIP_DEFAULT * f.h))
-        ycc = cv2.cvtColor(np.ascontiguousarray(band), cv2.COLOR_RGB2YCrCb).astype(np.float32)
-        red = ycc[:, :, 1].mean(axis=1)
-        excess = np.maximum(red - np.median(red) - 1.0, 0.0)
-        if excess.sum() >= LIP_MIN_REDNESS * band.shape[0]:
-            return y0 + int(round(float((excess * np.arange(excess.shape[0])).sum() / excess.sum())))
-        luma = cv2.GaussianBlur(ycc[:, :, 0].mean(axis=1).reshape(-1, 1), (1, 5), 0).ravel()
-        return y0 + int(np.argmin(luma))
+        x0 = max(0, int(cx - LIP_SEARCH_HALF_WIDTH * f.w))
+        x1 = min(self.w, int(cx + LIP_SEARCH_HALF_WIDTH * f.w) + 1)
+        if y1 - y0 < 5 or x1 - x0 < 8:
+            return default
+        ycc = cv2.cvtColor(np.ascontiguousarray(self.base[y0:y1, x0:x1]), cv2.COLOR_RGB2YCrCb).astype(np.float32)
+        luma, cr = ycc[:, :, 0], ycc[:, :, 1]
+        mid = slice(int((cx - x0) - 0.12 * f.w), int((cx - x0) + 0.12 * f.w) + 1)
+        mid = slice(max(0, mid.start), max(mid.start + 1, mid.stop))
+        excess = np.maximum(cr - np.median(cr) - 1.0, 0.0)
+        rows = cv2.GaussianBlur(excess[:, mid].mean(axis=1).reshape(-1, 1), (1, 5), 0).ravel()
+        if rows.sum() < LIP_MIN_REDNESS * rows.shape[0]:
+            prof = cv2.GaussianBlur(luma[:, mid].mean(axis=1).reshape(-1, 1), (1, 5), 0).ravel()
+            lo = max(0, int((LIP_SEARCH[0] + 0.08) * f.h) - (y0 - f.y))
+            return y0 + lo + int(np.argmin(prof[lo:])), cx, MOUTH_HALF_WIDTH * f.w
+        # The lips' rows: the red band around the reddest row, bridging a gap of teeth.
+        red = rows > LIP_EDGE * rows.max()
+        peak = int(np.argmax(rows))
+        gap = max(1, int(LIP_GAP * f.h))
+        top = bottom = peak
+        while top > 0 and red[max(0, top - gap):top].any():
+            top -= 1 + int(np.argmax(red[max(0, top - gap):top][::-1]))
+        while bottom < red.shape[0] - 1 and red[bottom + 1:bottom + 1 + gap].any():
+            bottom += 1 + int(np.argmax(red[bottom + 1:bottom + 1 + gap]))
+        height = bottom - top + 1
+        line = top + LIP_SEAM_SHARE * height
+        between = np.flatnonzero(~red[top:bottom + 1])
+        if between.size:  # parted lips (teeth or a gap between them): the line is in its middle
+            line = top + float(between.mean())
+        elif height >= 6:  # a seam is a narrow row darker than the lip just above and below it
+            prof = cv2.GaussianBlur(luma[top:bottom + 1, mid].mean(axis=1).reshape(-1, 1), (1, 3), 0).ravel()
+            inner = np.arange(int(0.2 * height), int(0.8 * height) + 1)
+            reach = max(2, int(0.015 * f.h))
+            contrast = [min(prof[max(0, i - reach):i].max(initial=0), prof[i + 1:i + 1 + reach].max(initial=0)) - prof[i]
+                        for i in inner]
+            best = int(np.argmax(contrast))
+            if contrast[best] >= LIP_SEAM_CONTRAST:
+                line = top + float(inner[best])
+        # The corners: across the lips' rows, where the redness fades on either side.
+        cols = cv2.GaussianBlur(excess[top:bottom + 1].mean(axis=0).reshape(1, -1), (5, 1), 0).ravel()
+        c = int(round(cx - x0))
+        edge = LIP_EDGE * cols[max(0, c - 3):c + 4].max()
+        left = c
+        while left > 0 and cols[left - 1] > edge:
+            left -= 1
+        right = c
+        while right < cols.shape[0] - 1 and cols[right + 1] > edge:
+            right += 1
+        half = (right - left) / 2.0
+        lo_w, hi_w = MOUTH_HALF_WIDTH_RANGE
+        if not lo_w * f.w <= half <= hi_w * f.w or edge <= 0:
+            return y0 + int(round(line)), cx, MOUTH_HALF_WIDTH * f.w
+        return y0 + int(round(line)), x0 + (left + right) / 2.0, half
 
     def _setup_mouth(self) -> None:
         f = self.face
-        self.lip_y = self._lip_line()
+        self.lip_y, self.mouth_cx, self.mouth_half = self._find_lips()
         cx = f.x + f.w / 2.0
-        x0 = max(0, int(cx - 0.45 * f.w))
-        x1 = min(self.w, int(cx + 0.45 * f.w) + 1)
+        jaw_half = max(JAW_HALF_WIDTH * f.w, 1.5 * self.mouth_half)
+        x0 = max(0, int(min(cx - 0.45 * f.w, self.mouth_cx - jaw_half)))
+        x1 = min(self.w, int(max(cx + 0.45 * f.w, self.mouth_cx + jaw_half)) + 1)
         y0 = max(0, int(self.lip_y - 0.24 * f.h))
         y1 = min(self.h, int(f.y + NECK * f.h) + 1)
         self._mouth = _Region(y0, y1, x0, x1)
         self._chin = min(float(y1 - 2), f.y + CHIN * f.h)
         xs = np.arange(x0, x1, dtype=np.float32)
-        u_m = np.abs(xs - cx) / (MOUTH_HALF_WIDTH * f.w)
-        u_j = np.abs(xs - cx) / (JAW_HALF_WIDTH * f.w)
-        # Raised-cosine profiles: 1 at the centre line, 0 at the mouth corners / jaw edges.
-        self._gap_profile = np.where(u_m < 1, 0.5 + 0.5 * np.cos(np.pi * np.minimum(u_m, 1)), 0.0)
-        self._gap_profile = self._gap_profile ** 0.7  # a rounder opening
+        self._u = (xs - self.mouth_cx) / self.mouth_half  # -1 and 1 at the mouth's corners
+        u_m = np.abs(self._u)
+        u_j = np.abs(xs - self.mouth_cx) / jaw_half
+        # The lips part between the corners, most at the centre, meeting the corners at an
+        # angle (an ellipse's outline, slightly pointed); the jaw drops a raised-cosine bell.
+        self._gap_profile = np.clip(1.0 - u_m**2, 0.0, 1.0) ** 0.75
         self._jaw_profile = np.where(u_j < 1, 0.5 + 0.5 * np.cos(np.pi * np.minimum(u_j, 1)), 0.0)
         self._jaw_profile = np.maximum(self._jaw_profile, self._gap_profile)
         self._map_x = np.tile(xs, (y1 - y0, 1))
         self._rows = np.arange(y0, y1, dtype=np.float32)[:, None]
         self._mouth_src = self.base[y0:y1, x0:x1]
+        # Paint teeth only where the source shows none: rows just above the line that are
+        # brighter than the skin above the lips are teeth already (a smile).
+        ly = int(self.lip_y)
+        band = slice(max(0, int(self.mouth_cx - 0.5 * self.mouth_half)), int(self.mouth_cx + 0.5 * self.mouth_half) + 1)
+        above = self.base[max(0, ly - max(2, int(0.03 * f.h))):ly, band].astype(np.float32).mean()
+        skin = self.base[max(0, ly - int(0.16 * f.h)):max(1, ly - int(0.10 * f.h)), band].astype(np.float32).mean()
+        self._paint_teeth = not above > skin + 10.0
+        self._feather = max(0.8, 0.006 * f.h)  # px of soft edge at the lips, more on big faces
 
     def mouth_patch(self, openness: float) -> tuple[_Region, np.ndarray]:
         """The lower face with the mouth opened by ``openness`` (0..1)."""
@@ -195,7 +267,7 @@ class FaceAnimator:
         f = self.face
         if openness <= 1e-3:
             return r, self._mouth_src
-        amp = MOUTH_OPEN_MAX * f.h * float(openness)
+        amp = min(MOUTH_OPEN_MAX * f.h, MOUTH_OPEN_ASPECT * 2 * self.mouth_half) * float(openness)
         up = UPPER_LIP_SHARE * amp * self._gap_profile  # per column
         down = (1 - UPPER_LIP_SHARE) * amp * self._gap_profile
         jaw = (1 - UPPER_LIP_SHARE) * amp * self._jaw_profile
@@ -215,16 +287,24 @@ class FaceAnimator:
             map_y = np.where(mask, seg, map_y)
         src = self._mouth_src
         patch = cv2.remap(src, self._map_x - r.x0, map_y - r.y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        # Paint the opening: dark inside, a band of upper teeth when it is wide enough.
+        # Paint the opening between the parted lips: soft-edged, darkest at the back, the
+        # inner lips' red along its rim, a tongue low down and upper teeth when it is tall.
         gap_top, gap_bot = (ly - up)[None, :], (ly + down)[None, :]
         height = np.maximum(gap_bot - gap_top, 1e-3)
-        inside = np.clip(np.minimum(y - gap_top, gap_bot - y) / 1.2, 0.0, 1.0)
+        edge = np.minimum(y - gap_top, gap_bot - y)  # px inside the opening
+        inside = _smoothstep(edge / self._feather)  # 0 where the lips still touch
         depth = (y - gap_top) / height  # 0 at the upper lip, 1 at the lower lip
-        teeth = np.clip((0.35 - depth) / 0.1, 0.0, 1.0) * np.clip((height - 4.0) / 6.0, 0.0, 0.75)
-        colour = MOUTH_DARK + (TEETH - MOUTH_DARK) * teeth[..., None]
-        alpha = (inside * 0.92)[..., None]
+        rim = np.clip(1.0 - edge / (self._feather * 2.5), 0.0, 1.0)
+        centre = np.clip(1.0 - np.abs(self._u) / 0.7, 0.0, 1.0)[None, :]  # teeth and tongue recede at the corners
+        tall = np.clip((height - 4.0) / 8.0, 0.0, 1.0)
+        colour = MOUTH_DARK + (TONGUE - MOUTH_DARK) * (_smoothstep((depth - 0.6) / 0.4) * tall * centre)[..., None]
+        if self._paint_teeth:
+            teeth = np.clip((0.3 - depth) / 0.12, 0.0, 1.0) * tall * 0.7 * centre
+            colour = colour + (TEETH - colour) * teeth[..., None]
+        colour = colour + (MOUTH_INNER_LIP - colour) * (rim * 0.6)[..., None]
+        alpha = inside[..., None]
         blended = patch.astype(np.float32) * (1 - alpha) + colour * alpha
-        return r, blended.astype(np.uint8)
+        return r, np.clip(blended, 0, 255).astype(np.uint8)
 
     # ---------------------------------------------------------------- eyes
 
