@@ -1,6 +1,7 @@
 """Portrait image checks and conversion to what every provider accepts (JPEG or PNG, RGB).
 
-Reads JPEG, PNG, WebP, BMP, GIF (first frame) and TIFF with Pillow, applies the EXIF
+Reads JPEG, PNG, WebP, BMP, GIF (first frame), TIFF and HEIC (through pillow-heif, registered
+in :mod:`avatar_core.media`) with Pillow, applies the EXIF
 orientation, and enforces the strictest published limits (see PROVIDERS.md "Input
 limits"): each side at least 300 px, aspect ratio between 1:2.5 and 2.5:1, file at most
 10 MB. An oversized file is re-encoded or scaled down rather than refused. Anything that
@@ -32,7 +33,7 @@ MAX_OUTPUT_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 64_000_000
 
 # Formats Pillow may open. (Phones' multi-picture "MPO" JPEGs open through the JPEG plugin.)
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "HEIF")
 
 # JPEG quality ladder tried in turn to get under MAX_OUTPUT_BYTES. 92 is visually lossless
 # for portraits; below 80 artefacts show around eyes and hair, so we scale down instead.
@@ -95,7 +96,7 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
             raise _bomb_error(path) from None
         except UnidentifiedImageError:
             raise InputError(
-                f"{_name(path)} is not an image we can read. Use a JPEG, PNG, WebP, BMP, GIF or TIFF photo."
+                f"{_name(path)} is not an image we can read. Use a JPEG, PNG, WebP, HEIC, BMP, GIF or TIFF photo."
             ) from None
         except OSError as exc:
             raise InputError(f"{_name(path)} could not be opened as an image ({exc}). Export it again as JPEG or PNG.") from exc

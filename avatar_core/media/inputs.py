@@ -45,6 +45,11 @@ FETCH_MAX_AUDIO_BYTES = 100 * 1024 * 1024
 SMALL_FACE_SHARE = 0.02
 # Silence this long at the ends is worth pointing out when trimming is off.
 SUGGEST_TRIM_S = 1.0
+# Encoders add a little silence to a recording (AAC priming: 1024 samples and more, MP3
+# padding: up to 1152 samples, about 25 ms each), so a clip recorded to exactly the limit
+# decodes a few hundredths of a second longer. Up to this much over the limit is cut off
+# rather than refused with a confusing "300.0 s is too long, at most 300 s".
+CODEC_PADDING_S = 0.1
 
 INPUTS_DIRNAME = "inputs"
 
@@ -290,6 +295,10 @@ def check_audio(
                 f"{removable:.1f} s{money}."
             )
     duration = len(segment) / 1000.0
+    padding_cut = limits.max_s < duration <= limits.max_s + CODEC_PADDING_S
+    if padding_cut:
+        segment = segment[: int(limits.max_s * 1000)]
+        duration = len(segment) / 1000.0
     if duration < limits.min_s:
         after = " after trimming silence" if trimmed_s else ""
         raise InputError(
@@ -308,7 +317,7 @@ def check_audio(
         fmt == "wav" and info.codec == "pcm_s16le" and info.container == "wav"
     )
     size_ok = limits.max_bytes is None or path.stat().st_size <= limits.max_bytes
-    if same_codec and trimmed_s == 0 and size_ok and info.channels <= 2:
+    if same_codec and trimmed_s == 0 and not padding_cut and size_ok and info.channels <= 2:
         if not dest.exists():
             shutil.copyfile(path, dest)
         passthrough = url is not None
