@@ -426,3 +426,17 @@ def test_the_launched_app_still_serves_after_the_bad_input(launched, good):
                                         api_key="", api_name="/generate")
     assert "Done in" in status and rid and video, status
     assert httpx.get(url, timeout=10).status_code == 200
+
+
+# Emoji sequences are joined by U+200D and shaped by variation selectors; subdivision flags
+# by tag characters. None of them is a control character, so none may become a space.
+EMOJI_PROMPT = ("A 👨\u200d👩\u200d👧 family waves ❤\ufe0f, a 👩🏽\u200d🚀 nods under "
+                "🏴\U000E0067\U000E0062\U000E0065\U000E006E\U000E0067\U000E007F")
+
+
+async def test_emoji_sequences_reach_the_provider_intact(handlers, emu, good):
+    frames = await _generate(handlers, image=str(good[0]), audio=str(good[1]),
+                             prompt=EMOJI_PROMPT + "\x07\u202e", api_key=WS_KEY)
+    assert "Done in" in frames[-1][0], frames[-1][0]
+    submits = emu.requests_to("POST", r"^/api/v3/kwaivgi/")
+    assert submits[-1].json["prompt"] == EMOJI_PROMPT  # the bell and the bidi override are gone
