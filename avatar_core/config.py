@@ -99,6 +99,21 @@ def redact(text: str, secrets: "Sequence[str | None]") -> str:
     return text
 
 
+def key_problem(key: str) -> str | None:
+    """Why a typed API key cannot be sent, or None when it can.
+
+    A key travels in an HTTP header, so it may hold printable ASCII only; a pasted key
+    with a Cyrillic look-alike, a zero-width space (``strip()`` keeps it) or a line
+    break would fail inside the HTTP library, or, worse, after part of a request left.
+    The message names the position, never the key or the character.
+    """
+    for position, ch in enumerate(key, start=1):
+        if not ("!" <= ch <= "~"):
+            return (f"The key you typed contains a character that cannot be part of an API key "
+                    f"(position {position}); paste it again.")
+    return None
+
+
 def key_values(settings: "Settings") -> list[str]:
     """Every configured key, for redaction; a key made of two parts (fal.ai's ``id:secret``,
     a user's Kling ``ACCESS:SECRET``) also by each part, so an echo of either half is caught."""
@@ -175,6 +190,11 @@ class Settings:
         names = PROVIDER_KEYS.get(provider, ())
         if not names:
             return self
+        problem = key_problem(api_key.strip().replace(":", "", 1) if len(names) == 2 else api_key.strip())
+        if problem:
+            from .errors import ConfigError
+
+            raise ConfigError(problem, provider=provider)
         if len(names) == 2:
             access, sep, secret = api_key.partition(":")
             if not sep:
