@@ -412,7 +412,8 @@ async def _follow(ctx: _Context) -> AsyncIterator[JobEvent]:
                     f"running: resume it later with request id {handle.request_id}.",
                     provider=name, request_id=handle.request_id,
                 ) from exc
-            log.warning("status read %d failed for %s: %s", failures, handle.request_id, exc.message)
+            log.warning("status read %d failed for %s: %s", failures, handle.request_id,
+                        redact(exc.message, ctx.secrets))
             await _wait(ctx, _backoff(ctx, failures, exc))
             continue
 
@@ -466,7 +467,7 @@ async def _with_retries(ctx: _Context, call: Callable[[], Awaitable[Any]], what:
         except (TransientError, RateLimited) as exc:
             if attempt >= MAX_DOWNLOAD_TRIES or ctx.remaining() <= 0:
                 raise
-            log.warning("%s failed (attempt %d): %s", what, attempt, exc.message)
+            log.warning("%s failed (attempt %d): %s", what, attempt, redact(exc.message, ctx.secrets))
             await _wait(ctx, _backoff(ctx, attempt, exc))
 
 

@@ -172,9 +172,7 @@ class RedactSecrets(logging.Filter):
         self._static = configured_secrets(settings) if settings is not None else []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        secrets = [*_ACTIVE_SECRETS.get(), *self._static]
-        if not secrets:
-            return True
+        secrets = [*_ACTIVE_SECRETS.get(), *self._static]  # and derived credentials, by shape (redact)
         message = record.getMessage()
         cleaned = redact(message, secrets)
         if cleaned != message:
