@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import shutil
 import sys
 import time
@@ -100,8 +101,13 @@ async def _print_events(events: AsyncIterator[JobEvent], out: Path | None) -> in
         if isinstance(event, Done):
             path = event.path
             if out is not None and Path(out) != path:
-                Path(out).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, out)
+                try:
+                    Path(out).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, out)
+                except OSError as exc:
+                    print(f"error: cannot write the video to {out} ({exc.strerror or type(exc).__name__}); "
+                          f"it is kept at {path}", file=sys.stderr)
+                    return EXIT_FAILED
                 path = Path(out)
             dur = f"{event.duration_s:.1f} s" if event.duration_s else "unknown length"
             print(f"[{event.elapsed:6.1f}s] done: {dur}", flush=True)
@@ -119,6 +125,20 @@ def _open_store(settings):
     except Exception as exc:  # the job must still run without history
         logging.getLogger(__name__).warning("job history unavailable: %s", exc)
         return None
+
+
+def _out_problem(out: Path | None) -> str | None:
+    """Why ``--out`` cannot be written, found before anything is paid for (best effort:
+    the copy at the end says so too)."""
+    if out is None:
+        return None
+    out = Path(out)
+    if out.is_dir():
+        return f"error: cannot write the video to {out}: it is a folder; give a file name ending in .mp4"
+    if out.exists() and not (out.is_file() and os.access(out, os.W_OK)) or str(out.resolve()).startswith(
+            ("/proc/", "/sys/", "/dev/")):
+        return f"error: cannot write the video to {out}; choose a file in a folder you can write to"
+    return None
 
 
 async def _generate(args, settings) -> int:
@@ -219,6 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         main_serve(args.port, host=args.host, queue_s=args.queue_s, processing_s=args.processing_s)
         return 0
+    problem = _out_problem(getattr(args, "out", None))
+    if problem:
+        print(problem, file=sys.stderr)
+        return EXIT_FAILED
     try:
         settings = load_settings()
         _secrets[:] = key_values(settings)

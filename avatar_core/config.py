@@ -8,6 +8,7 @@ user's own key, always wins over the environment and is never stored anywhere.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -92,11 +93,41 @@ PROVIDER_KEYS: Mapping[str, tuple[str, ...]] = {
 }
 
 
+# Credentials derived from a key that a provider may echo back ("...Authorization: Bearer
+# eyJ..."): a JWT (Kling's token names the access key in its payload and is signed with
+# the secret), and the value of any Authorization / x-api-key header or Bearer token.
+# Also a JWT cut short (error texts are truncated): base64 JSON always starts "eyJ".
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}(?:\.[A-Za-z0-9_-]*){0,2}")
+_AUTH_HEADER = re.compile(
+    r"(?i)\b(authorization|x-api-key|api[-_]?key)([\"']?\s*[:=]\s*[\"']?)((?:bearer|key|token|basic)\s+)?[^\s\"',;}]+"
+)
+_BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]{6,}")
+
+
 def redact(text: str, secrets: "Sequence[str | None]") -> str:
-    """``text`` with every secret (4+ characters) replaced by ****, longest first."""
+    """``text`` with every secret (4+ characters) replaced by ****, longest first, and
+    anything shaped like a derived credential (a JWT, an Authorization header's value,
+    a Bearer token) as well."""
     for secret in sorted((x for x in secrets if x and len(x) >= 4), key=len, reverse=True):
         text = text.replace(secret, "****")
-    return text
+    text = _JWT.sub("****", text)
+    text = _AUTH_HEADER.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3) or ''}****", text)
+    return _BEARER.sub(lambda m: f"{m.group(1)} ****", text)
+
+
+def key_problem(key: str) -> str | None:
+    """Why a typed API key cannot be sent, or None when it can.
+
+    A key travels in an HTTP header, so it may hold printable ASCII only; a pasted key
+    with a Cyrillic look-alike, a zero-width space (``strip()`` keeps it) or a line
+    break would fail inside the HTTP library, or, worse, after part of a request left.
+    The message names the position, never the key or the character.
+    """
+    for position, ch in enumerate(key, start=1):
+        if not ("!" <= ch <= "~"):
+            return (f"The key you typed contains a character that cannot be part of an API key "
+                    f"(position {position}); paste it again.")
+    return None
 
 
 def key_values(settings: "Settings") -> list[str]:
@@ -175,6 +206,11 @@ class Settings:
         names = PROVIDER_KEYS.get(provider, ())
         if not names:
             return self
+        problem = key_problem(api_key.strip().replace(":", "", 1) if len(names) == 2 else api_key.strip())
+        if problem:
+            from .errors import ConfigError
+
+            raise ConfigError(problem, provider=provider)
         if len(names) == 2:
             access, sep, secret = api_key.partition(":")
             if not sep:

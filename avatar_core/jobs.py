@@ -246,11 +246,20 @@ def inputs_to_send(prepared: Any, provider: str) -> tuple[str, str]:
     return chosen[0], chosen[1]
 
 
+# Invisible format characters that are part of the text, not controls: the zero-width
+# joiner (emoji sequences such as a family or a profession, and Indic scripts), the
+# zero-width non-joiner (Persian, Indic) and the tag characters of subdivision flags.
+# Variation selectors are marks (category Mn) and pass anyway.
+_KEPT_FORMAT_CHARS = frozenset({"\u200d", "\u200c"}) | frozenset(chr(c) for c in range(0xE0020, 0xE0080))
+
+
+def _keep_in_prompt(ch: str) -> bool:
+    return ch in "\n\t" or ch in _KEPT_FORMAT_CHARS or unicodedata.category(ch)[0] != "C"
+
+
 def clean_prompt(prompt: str | None) -> str:
     """The prompt as sent: control characters removed, whitespace folded, length checked."""
-    text = "".join(
-        ch if ch in "\n\t" or unicodedata.category(ch)[0] != "C" else " " for ch in (prompt or "")
-    )
+    text = "".join(ch if _keep_in_prompt(ch) else " " for ch in (prompt or ""))
     text = re.sub(r"[ \t]+", " ", text).strip()
     if len(text) > MAX_PROMPT_CHARS:
         raise InputError(
@@ -403,7 +412,8 @@ async def _follow(ctx: _Context) -> AsyncIterator[JobEvent]:
                     f"running: resume it later with request id {handle.request_id}.",
                     provider=name, request_id=handle.request_id,
                 ) from exc
-            log.warning("status read %d failed for %s: %s", failures, handle.request_id, exc.message)
+            log.warning("status read %d failed for %s: %s", failures, handle.request_id,
+                        redact(exc.message, ctx.secrets))
             await _wait(ctx, _backoff(ctx, failures, exc))
             continue
 
@@ -457,7 +467,7 @@ async def _with_retries(ctx: _Context, call: Callable[[], Awaitable[Any]], what:
         except (TransientError, RateLimited) as exc:
             if attempt >= MAX_DOWNLOAD_TRIES or ctx.remaining() <= 0:
                 raise
-            log.warning("%s failed (attempt %d): %s", what, attempt, exc.message)
+            log.warning("%s failed (attempt %d): %s", what, attempt, redact(exc.message, ctx.secrets))
             await _wait(ctx, _backoff(ctx, attempt, exc))
 
 

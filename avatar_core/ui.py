@@ -32,7 +32,7 @@ from typing import Any, AsyncIterator, Mapping, Sequence
 
 import gradio as gr
 
-from .config import Settings, key_values, load_settings, redact
+from .config import Settings, key_problem, key_values, load_settings, redact
 from .errors import AvatarError, InputError
 from .events import (
     Done,
@@ -172,9 +172,7 @@ class RedactSecrets(logging.Filter):
         self._static = configured_secrets(settings) if settings is not None else []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        secrets = [*_ACTIVE_SECRETS.get(), *self._static]
-        if not secrets:
-            return True
+        secrets = [*_ACTIVE_SECRETS.get(), *self._static]  # and derived credentials, by shape (redact)
         message = record.getMessage()
         cleaned = redact(message, secrets)
         if cleaned != message:
@@ -1032,6 +1030,10 @@ class Handlers:
         def frame(status: str, video: str | None = None, job: dict | None = None):
             return status, board.request_id or "", video, job
 
+        problem = key_problem(key) if key else None
+        if problem:  # before any input check, upload or submit
+            yield frame(board.failed(problem))
+            return
         image_src = pick_source(image, image_url)
         audio_src = pick_source(audio, audio_url)
         if image_src is None or audio_src is None:
@@ -1194,6 +1196,10 @@ class Handlers:
         from .jobs import resume as resume_job
 
         board.request_id = request_id or None
+        problem = key_problem(key) if key else None
+        if problem:
+            yield board.failed(problem), request_id, None
+            return
         hosted = hosted_provider_ids(self.settings)
         if provider not in hosted:
             yield board.failed(f"Pick the provider the job was sent to ({', '.join(hosted)})."), request_id, None

@@ -426,3 +426,42 @@ def test_the_launched_app_still_serves_after_the_bad_input(launched, good):
                                         api_key="", api_name="/generate")
     assert "Done in" in status and rid and video, status
     assert httpx.get(url, timeout=10).status_code == 200
+
+
+# Emoji sequences are joined by U+200D and shaped by variation selectors; subdivision flags
+# by tag characters. None of them is a control character, so none may become a space.
+EMOJI_PROMPT = ("A 👨\u200d👩\u200d👧 family waves ❤\ufe0f, a 👩🏽\u200d🚀 nods under "
+                "🏴\U000E0067\U000E0062\U000E0065\U000E006E\U000E0067\U000E007F")
+
+
+async def test_emoji_sequences_reach_the_provider_intact(handlers, emu, good):
+    frames = await _generate(handlers, image=str(good[0]), audio=str(good[1]),
+                             prompt=EMOJI_PROMPT + "\x07\u202e", api_key=WS_KEY)
+    assert "Done in" in frames[-1][0], frames[-1][0]
+    submits = emu.requests_to("POST", r"^/api/v3/kwaivgi/")
+    assert submits[-1].json["prompt"] == EMOJI_PROMPT  # the bell and the bidi override are gone
+
+
+# A pasted key with a Cyrillic look-alike (position 3), a zero-width space that strip()
+# keeps (position 7), or a line break inside a two-part fal.ai key (position 10).
+BAD_KEYS = [("wavespeed", "ws\u0430-bad-input-key", 3), ("wavespeed", "ws-bad\u200b-input-key-3141", 7),
+            ("fal", "fal-id-12\r\nX-Injected: 1:secret", 10), ("kling", "access\u00e9:secret-key-123", 7)]
+
+
+@pytest.mark.parametrize("provider,key,position", BAD_KEYS)
+async def test_a_typed_key_with_a_character_no_key_can_hold_is_refused_first(emu, tmp_path, good, provider, key,
+                                                                           position):
+    emu.reset()
+    settings = replace(load_settings(env={}, dotenv_path=None), output_dir=tmp_path / "out",
+                       wavespeed_base_url=emu.url, fal_base_url=emu.url, kling_base_url=emu.url, poll_typical_s=1.0)
+    h = Handlers(settings)
+    frames = await _generate(h, provider=provider, image=str(good[0]), audio=str(good[1]), api_key=key)
+    status = frames[-1][0]
+    assert (f"contains a character that cannot be part of an API key (position {position}); paste it again"
+            in status), status
+    assert len(frames) == 1 and "Checking your files" not in status  # refused before any input check
+    assert key.strip() not in status and not any(part in status for part in key.split(":") if len(part) > 3)
+    assert len(emu.requests) == 0, "nothing may reach the provider"
+    # Resume refuses it the same way, before asking the provider anything.
+    frames = [f async for f in h.resume(provider, "some-job-1", key, None, None)]
+    assert f"(position {position})" in frames[-1][0] and len(emu.requests) == 0

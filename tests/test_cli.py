@@ -137,3 +137,21 @@ def test_history_lists_jobs_and_what_can_be_resumed(emu, inputs, tmp_path):
     JobStore(tmp_path / "out" / "jobs.sqlite3").update("wavespeed", row.request_id, status="processing")
     proc = run_cli(["history", "--unfinished"], {}, tmp_path)
     assert row.request_id in proc.stdout and "python -m avatar_core resume" in proc.stdout
+
+
+def test_an_unwritable_out_path_is_a_clear_message_not_a_traceback(emu, inputs, tmp_path):
+    emu.reset()
+    base = ["generate", "--provider", "wavespeed", "--image", str(inputs[0]), "--audio", str(inputs[1])]
+    proc = run_cli([*base, "--out", "/proc/version"], emu_env(emu), tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: cannot write the video to /proc/version" in proc.stderr
+    assert not emu.requests_to("POST", r"^/api/v3/kwaivgi/"), "refused before anything was paid for"
+    # A folder that cannot be made is only found at the end: the video is kept and its place named.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = run_cli([*base, "--out", str(blocker / "video.mp4")], emu_env(emu), tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert f"cannot write the video to {blocker / 'video.mp4'}" in line and "it is kept at " in line
+    with av.open(line.rsplit("it is kept at ", 1)[1].strip()) as c:
+        assert c.streams.video
