@@ -74,6 +74,7 @@ def test_thirty_seconds_of_speech_plays_as_a_moving_video(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # two renders (30 s and 300 s of speech) plus a full decode of each
 def test_five_minutes_of_speech_plays_and_costs_no_more_memory_than_thirty_seconds(tmp_path):
     image = ROOT / "examples" / "portrait.jpg"
     short = _render_in_child(image, _speech(tmp_path / "s30.wav", 30.0), tmp_path / "s30.mp4")
