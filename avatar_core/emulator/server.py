@@ -325,9 +325,30 @@ class StoredFile:
         return hashlib.sha256(self.data or b"").hexdigest()
 
 
+@dataclass(frozen=True)
+class ReceivedInput:
+    """The bytes behind one input reference of a job, as the provider would have fetched
+    them (an upload, a loopback URL or a decoded data: URI), with the MIME type they came
+    labelled with: the upload's or the data URI's declared type, never checked against the
+    bytes (Kling's raw base64 carries no type; its protocol module sniffs one)."""
+
+    data: bytes = field(repr=False)
+    content_type: str
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
 @dataclass
 class Job:
-    """A submitted job. Timing is in the emulator's clock; ``plan`` says how it behaves."""
+    """A submitted job. Timing is in the emulator's clock; ``plan`` says how it behaves.
+
+    ``inputs`` are the references as submitted; ``received`` holds, under the same names
+    (``image``, ``audio``), what those references turned out to contain when the job was
+    created: the files the model would work on. An input that could not be read is
+    missing from it (and ``input_error`` says why).
+    """
 
     id: str
     protocol: str
@@ -339,6 +360,7 @@ class Job:
     processing_s: float
     plan: JobPlan
     inputs: Mapping[str, Any] = field(default_factory=dict)
+    received: dict[str, ReceivedInput] = field(default_factory=dict, repr=False)
     webhook: str | None = None
     input_error: str | None = None
     complete_at: float | None = None
@@ -818,7 +840,9 @@ class Emulator:
         )
         try:
             image = self.fetch_input(inputs["image"])
+            job.received["image"] = ReceivedInput(*image)
             audio = self.fetch_input(inputs["audio"])
+            job.received["audio"] = ReceivedInput(*audio)
         except (ValueError, OSError, KeyError) as exc:
             job.input_error = f"Could not read the input files: {exc}"
         else:
