@@ -88,7 +88,10 @@ def build_demo(settings: Settings | None = None, *, store=None, host: str | None
                         with gr.Group():
                             image = ui.hand_refused_uploads_to_checks(gr.Image(
                                 label="1 · Portrait", type="filepath", sources=["upload", "clipboard"], height=300,
-                                elem_id="image-input",
+                                # None: the upload is handed on as sent. Gradio's default "RGB"
+                                # re-saves it through Pillow, which turns a 16-bit grey scan
+                                # white; our checks convert every mode themselves.
+                                image_mode=None, elem_id="image-input",
                             ))
                             image_url = gr.Textbox(
                                 label="…or a link to the portrait", value="", placeholder="https://…",
