@@ -202,12 +202,13 @@ async def resume(
     settings = settings or load_settings()
     request_id = (request_id or "").strip()
     record = _store_call(store, "get", provider, request_id) if store is not None and request_id else None
-    if record is not None and owner is not None and getattr(record, "owner", None) not in (None, owner):
-        # Someone else's job: behave as if it were not in the store at all.
-        record = None
     try:
         if not request_id or not re.fullmatch(r"[A-Za-z0-9._:\-]{1,200}", request_id):
             raise InputError("Enter the request id exactly as the provider gave it (letters, digits, - _ . :).")
+        if record is not None and owner is not None and getattr(record, "owner", None) != owner:
+            # Another visitor's job, or the CLI's (no owner): not theirs to poll, download or
+            # write to. (Callers without an owner, the CLI, may resume any job.)
+            raise InputError("That job was started by someone else using this app; only they can resume it here.")
         provider_obj = client or make_provider(provider, settings, api_key=api_key, transport=transport)
     except AvatarError as exc:
         yield _failed_event(exc, provider, request_id or None, 0.0)

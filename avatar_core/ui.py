@@ -894,6 +894,13 @@ def _remote_cancel_supported(provider: str) -> bool:
     return False
 
 
+SOMEONE_ELSES_JOB = "That job was started by someone else using this app; only they can resume it here."
+NOT_YOUR_JOB_ON_SERVER_KEY = (
+    "This server's key only collects jobs this app started for you, and your history has no job with that "
+    "request id. For a job started elsewhere, enter the {label} API key of the account that made it."
+)
+
+
 class Handlers:
     """The app's event functions, bound to one :class:`Settings`.
 
@@ -1188,11 +1195,13 @@ class Handlers:
         board = StatusBoard(provider=provider or "wavespeed", tier=getattr(record, "tier", None) or "standard",
                             version=getattr(record, "version", None) or default_version(provider or "wavespeed"))
         owner = owner_for(request, visitor)
-        inner = self._resume(board, provider, request_id, (api_key or "").strip() or None, owner, record)
+        inner = self._resume(board, provider, request_id, (api_key or "").strip() or None, owner, record,
+                             bool(getattr(request, "username", None)))
         async for frame in self._keep_keys_out(api_key, board, inner, 3):
             yield frame
 
-    async def _resume(self, board, provider, request_id, key, owner, record):
+    async def _resume(self, board, provider, request_id, key, owner, record, logged_in=False):
+        from .guard import LimitReached
         from .jobs import resume as resume_job
 
         board.request_id = request_id or None
@@ -1204,9 +1213,10 @@ class Handlers:
         if provider not in hosted:
             yield board.failed(f"Pick the provider the job was sent to ({', '.join(hosted)})."), request_id, None
             return
-        if record is not None and record.owner is not None and record.owner != owner:
-            yield board.failed("That job was started by someone else using this app; only they can resume it "
-                               "here."), request_id, None
+        # A job in the history is resumed only by its owner: another visitor's, and the CLI's
+        # (no owner), are not handed to whoever knows the id, whatever key they bring.
+        if record is not None and record.owner != owner:
+            yield board.failed(SOMEONE_ELSES_JOB), request_id, None
             return
         if record is not None and record.status == "completed" and has_video(record):
             board.finished = True
@@ -1217,6 +1227,18 @@ class Handlers:
             yield board.message("Still running here", "This app is already following that job; its video will "
                                 "appear in the History tab when it is done."), request_id, None
             return
+        if key is None and self.settings.has_key(provider):
+            # Polling and downloading on the server's key: the same gate as Generate, and only
+            # for a job this app submitted for this visitor (never one it learns of by its id).
+            try:
+                await asyncio.to_thread(self.guard.check_resume, provider, uses_server_key=True,
+                                        logged_in=logged_in)
+            except LimitReached as exc:
+                yield board.failed(exc.message), request_id, None
+                return
+            if record is None:
+                yield board.failed(NOT_YOUR_JOB_ON_SERVER_KEY.format(label=board.label)), request_id, None
+                return
         yield board.message(f"Asking {board.label} about job `{md_escape(request_id)}`…"), request_id, None
         # Detached like a new job: closing the page must not cancel a paid job at the provider.
         job = self.running.start(resume_job(provider, request_id, tier=board.tier, settings=self.settings,
