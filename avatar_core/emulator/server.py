@@ -163,8 +163,10 @@ class JobPlan:
     ``fail`` makes it end FAILED with that message instead of completing.
     ``status_value`` replaces the protocol's status word (an unknown value, say).
     ``video`` is what the result URL serves: ``"ok"`` (the MP4), ``"403"``, ``"404"``,
-    ``"html"`` (an HTML page with HTTP 200), or ``"huge"`` (``huge_bytes`` of zeros,
-    with ``Content-Length`` unless ``huge_declared=False``).
+    ``"html"`` (an HTML page with HTTP 200), ``"huge"`` (``huge_bytes`` of zeros,
+    with ``Content-Length`` unless ``huge_declared=False``), or ``"redirect"`` (HTTP 302
+    to ``redirect_to``). ``video_link`` replaces the result link the provider reports
+    (a link to somewhere else entirely).
     """
 
     queue_s: float | None = None
@@ -175,10 +177,14 @@ class JobPlan:
     video: str = "ok"
     huge_bytes: int = 2 * 1024**3
     huge_declared: bool = True
+    redirect_to: str | None = None
+    video_link: str | None = None
 
     def __post_init__(self) -> None:
-        if self.video not in ("ok", "403", "404", "html", "huge"):
+        if self.video not in ("ok", "403", "404", "html", "huge", "redirect"):
             raise ValueError(f"unknown video behaviour {self.video!r}")
+        if (self.video == "redirect") != (self.redirect_to is not None):
+            raise ValueError('video="redirect" and redirect_to go together')
 
 
 # ---------------------------------------------------------------------------- records
@@ -805,6 +811,8 @@ class Emulator:
         return f"{self.url}/emulator/files/{file.id}/{urllib.parse.quote(file.filename)}"
 
     def video_url(self, job: Job) -> str:
+        if job.plan.video_link is not None:
+            return job.plan.video_link
         return f"{self.url}/emulator/outputs/{job.id}/output.mp4"
 
     def create_job(
@@ -908,6 +916,8 @@ class Emulator:
             return Response(404, b"<Error><Code>NoSuchKey</Code></Error>", "application/xml")
         if plan.video == "html":
             return html_response(200)
+        if plan.video == "redirect":
+            return Response(302, b"", None, {"Location": plan.redirect_to or "/"})
         if plan.video == "huge":
             length = plan.huge_bytes if plan.huge_declared else None
             return Response(200, zeros(plan.huge_bytes), "video/mp4", length=length)
