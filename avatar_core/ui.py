@@ -560,6 +560,8 @@ def _when(ts: float | None) -> str:
 
 
 def job_status_words(rec: Any) -> str:
+    if rec.status == "id_unknown":
+        return f"sent, request id unknown: look for it in your {short_label(rec.provider)} dashboard"
     return STATUS_WORDS.get(rec.status, rec.status)
 
 
