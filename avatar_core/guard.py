@@ -13,7 +13,9 @@ whether a job may start:
 3. **Hosted jobs per visitor per UTC day** (``AVATAR_MAX_DAILY_JOBS_PER_VISITOR``),
    whoever's key pays. Local previews are free and do not count.
 4. **Daily spend of the server's keys** (``AVATAR_DAILY_SPEND_CAP_USD``), all visitors
-   together, from the price table's estimate. A job whose price is unknown cannot be
+   together, from the price table's estimate; when the video comes back, the job's entry
+   is corrected to the price of its real length (:meth:`Ticket.settle`, done by
+   :meth:`Ticket.watch`), and a correction that passes the cap is said plainly. A job whose price is unknown cannot be
    bounded, so it may not use the server's keys while a cap is set. Jobs on a
    visitor's own key never count toward it.
 
