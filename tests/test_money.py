@@ -219,3 +219,16 @@ async def test_a_per_generation_price_is_left_as_it_was(emu, settings, media, tm
     events = await drive(guard, "segmind", image, audio, settings, store, cost=2.28)
     assert isinstance(events[-1], Done) and events[-1].cost_usd == 2.28
     assert ledger_rows(store)[0][2] == 2_280_000
+
+
+def test_the_status_panel_shows_the_real_cost_and_the_cap_notice():
+    from avatar_core import ui
+    from avatar_core.media.pricing import CostEstimate
+
+    board = ui.StatusBoard(provider="wavespeed", cost=CostEstimate(0.25, "1 block", "table"))
+    notice = "This video is 21.0 s long, so it cost $1.25, more than the $0.25 estimated when it started."
+    shown = board.update(Done("wavespeed", "r1", Path("v.mp4"), 21.0, cost_usd=1.25, notice=notice))
+    assert "Video length 21.0 s." in shown and "costs about $1.25 (estimated $0.25 before it started)" in shown
+    assert "21.0 s long, so it cost $1.25" in shown.replace("\\", "")
+    plain = ui.StatusBoard(provider="wavespeed", cost=CostEstimate(0.25, "1 block", "table"))
+    assert "costs about" not in plain.update(Done("wavespeed", "r2", Path("v.mp4"), 4.0, cost_usd=0.25))
