@@ -64,6 +64,11 @@ class Done:
     duration_s: float | None
     metadata: Mapping[str, Any] = field(default_factory=dict)
     elapsed: float = 0.0
+    # The price of the video as it came back (its real length, media.pricing); None when the
+    # length could not be read or the price is unknown. Providers bill the output's length.
+    cost_usd: float | None = None
+    # Something the user must be told about the bill (guard.Ticket.settle), else "".
+    notice: str = ""
 
 
 @dataclass(frozen=True)

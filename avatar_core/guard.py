@@ -13,7 +13,9 @@ whether a job may start:
 3. **Hosted jobs per visitor per UTC day** (``AVATAR_MAX_DAILY_JOBS_PER_VISITOR``),
    whoever's key pays. Local previews are free and do not count.
 4. **Daily spend of the server's keys** (``AVATAR_DAILY_SPEND_CAP_USD``), all visitors
-   together, from the price table's estimate. A job whose price is unknown cannot be
+   together, from the price table's estimate; when the video comes back, the job's entry
+   is corrected to the price of its real length (:meth:`Ticket.settle`, done by
+   :meth:`Ticket.watch`), and a correction that passes the cap is said plainly. A job whose price is unknown cannot be
    bounded, so it may not use the server's keys while a cap is set. Jobs on a
    visitor's own key never count toward it.
 
@@ -43,12 +45,13 @@ import math
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import AsyncIterator, Callable
 
 from .config import Settings, parse_auth
 from .errors import InputError
-from .events import FailedEvent, JobEvent, Submitted
+from .events import Done, FailedEvent, JobEvent, Submitted
 from .store import MICROUSD_PER_USD, Usage
 
 log = logging.getLogger(__name__)
@@ -148,11 +151,14 @@ class Ticket:
     Not created directly: :meth:`Guard.admit` returns it.
     """
 
-    def __init__(self, guard: "Guard", owner: str, provider: str, usage_id: int | None) -> None:
+    def __init__(self, guard: "Guard", owner: str, provider: str, usage_id: int | None, *,
+                 paid_by_server: bool = False, cost_microusd: int | None = None) -> None:
         self._guard = guard
         self.owner = owner
         self.provider = provider
         self._usage_id = usage_id
+        self.paid_by_server = paid_by_server
+        self.cost_microusd = cost_microusd  # what the ledger holds for this job (estimate, then real)
         self._submitted = False
         self._closed = False
         self.request_id: str | None = None
@@ -178,6 +184,15 @@ class Ticket:
         if self._closed:
             raise RuntimeError("submitted() called on a closed ticket")
         self._guard._commit(self, request_id)
+
+    def settle(self, cost_usd: float | None, video_s: float | None = None) -> str:
+        """Correct the ledger to what the finished job really cost (its video's length,
+        priced); returns what the user must be told about it, or "".
+
+        The estimate came from the checked audio; providers bill what they rendered. When
+        the real price is higher and that takes the server's keys over the daily cap, the
+        message says so plainly (the job is done and paid; new ones are refused)."""
+        return self._guard._settle(self, cost_usd, video_s)
 
     def close(self) -> None:
         """Free the in-progress slot; refund the day's count and spend if never submitted.
@@ -273,7 +288,7 @@ class Guard:
                     check=lambda usage: self._check_day(usage, now, paid_by_server, cost_microusd or 0),
                 )
             self._running[owner] += 1
-        return Ticket(self, owner, provider, usage_id)
+        return Ticket(self, owner, provider, usage_id, paid_by_server=paid_by_server, cost_microusd=cost_microusd)
 
     def running(self, owner: str) -> int:
         """How many admitted jobs of this owner are not closed yet (this process)."""
@@ -367,6 +382,38 @@ class Guard:
                 # submitted ticket), so the error can only overcount, never lose money.
                 log.exception("usage ledger: could not mark a job as submitted; it stays counted")
 
+    def _settle(self, ticket: Ticket, cost_usd: float | None, video_s: float | None) -> str:
+        if ticket._usage_id is None or cost_usd is None or not (cost_usd >= 0 and math.isfinite(cost_usd)):
+            return ""
+        real = round(cost_usd * MICROUSD_PER_USD)
+        before = ticket.cost_microusd
+        if real == before:
+            return ""
+        now = self._clock()
+        with self._lock:
+            try:
+                usage = self._ledger.correct_usage(ticket._usage_id, cost_microusd=real, now=now)
+            except Exception:  # noqa: BLE001 - the video is made; bookkeeping must not lose it
+                log.exception("usage ledger: could not correct a finished job's cost")
+                return ""
+            ticket.cost_microusd = real
+        log.info("usage ledger: job cost corrected from %s to %s micro-USD", before, real)
+        cap = self.settings.daily_spend_cap_usd
+        if usage is None or not ticket.paid_by_server or cap is None or before is None or real <= before:
+            return ""
+        cap_micro = round(cap * MICROUSD_PER_USD)
+        if usage.server_spend_microusd <= cap_micro:
+            return ""
+        length = f" is {video_s:.1f} s long, so it" if video_s else ""
+        midnight = _next_utc_midnight(now)
+        return (
+            f"This video{length} cost {_usd(real / MICROUSD_PER_USD)}, more than the "
+            f"{_usd(before / MICROUSD_PER_USD)} estimated when it started. That takes this server's daily budget "
+            f"for its own keys ({_usd(cap)}) over its limit: {_usd(usage.server_spend_usd)} spent today. New videos "
+            f"on the server's keys are refused until 00:00 UTC ({_until(midnight.timestamp() - now)}); use your own "
+            "API key to continue."
+        )
+
     def _close(self, ticket: Ticket) -> None:
         with self._lock:
             if ticket._closed:
@@ -404,6 +451,11 @@ class _WatchedEvents:
             await self._close()
             raise
         ticket = self._ticket
+        if isinstance(event, Done) and ticket.is_submitted and event.cost_usd is not None:
+            # The real price, from the video that came back: a committed write, off the loop.
+            notice = await asyncio.to_thread(ticket.settle, event.cost_usd, event.duration_s)
+            if notice:
+                event = replace(event, notice=notice)
         if not ticket.closed:
             maybe = isinstance(event, FailedEvent) and not ticket.is_submitted and event.kind in _MAYBE_SUBMITTED
             if isinstance(event, Submitted) or maybe:
@@ -453,6 +505,13 @@ class _MemoryLedger:
     def commit_usage(self, usage_id: int, *, request_id: str | None, now: float) -> None:
         if usage_id in self._rows:
             self._rows[usage_id]["submitted"] = True
+
+    def correct_usage(self, usage_id: int, *, cost_microusd: int, now: float) -> Usage | None:
+        row = self._rows.get(usage_id)
+        if row is None:
+            return None
+        row["cost"] = cost_microusd
+        return self.usage(day=row["day"], owner=row["owner"])
 
     def release_usage(self, usage_id: int) -> bool:
         row = self._rows.get(usage_id)

@@ -46,6 +46,7 @@ from .errors import (
     RateLimited,
     ResultExpired,
     ResultInvalid,
+    SubmitUncertain,
     TransientError,
 )
 from .events import (
@@ -58,6 +59,7 @@ from .events import (
     Submitted,
     Uploading,
 )
+from .media.pricing import estimate_cost
 from .polling import BACKOFF_BASE_S, PollSchedule, backoff
 from .providers import LABELS, make_provider
 from .providers.base import (
@@ -151,7 +153,10 @@ async def run_job(
     sleep: Sleep = asyncio.sleep,
     schedule: PollSchedule | None = None,
 ) -> AsyncIterator[JobEvent]:
-    """Run one job from local files or public URLs to a local MP4. See the module doc.
+    """Run one job from checked local files to a local MP4. See the module doc.
+
+    ``image`` and ``audio`` are files (the checked copies, :func:`inputs_to_send`); a link
+    is refused, since the provider could be served different bytes than were checked.
 
     ``input_names`` are the names the user knows the inputs by (for the history), when
     ``image``/``audio`` are normalised copies.
@@ -168,6 +173,7 @@ async def run_job(
     ctx = _make_context(provider_obj, settings, store, owner, clock, sleep, transport, tier, out_path, schedule)
     ctx.secrets = _job_secrets(settings, provider, api_key)
     ctx.extra["names"] = (input_names[0] or _display_name(image), input_names[1] or _display_name(audio))
+    ctx.extra["version"] = version
     drive = _drive(ctx, _new_job(ctx, image, audio, tier, version, model, prompt, audio_seconds, estimated_cost_usd))
     try:
         async for event in drive:
@@ -219,6 +225,7 @@ async def resume(
     if record is not None and getattr(record, "created_at", None):
         ctx.start -= max(0.0, time.time() - float(record.created_at))
     ctx.handle = JobHandle(provider, request_id, getattr(record, "model", None))
+    ctx.extra["version"] = getattr(record, "version", None)
     if store is not None and record is None:
         _store_call(store, "record_submitted", provider=provider, request_id=request_id, model=None, tier=tier,
                     version=UNKNOWN_VERSION, prompt="", image_name=None, audio_name=None, audio_seconds=None,
@@ -235,16 +242,14 @@ async def resume(
 
 
 def inputs_to_send(prepared: Any, provider: str) -> tuple[str, str]:
-    """What to give the provider for each checked input: the original public URL when the
-    checks changed nothing (no upload needed), else the normalised local file."""
-    chosen = []
-    for check in (prepared.image, prepared.audio):
-        url = getattr(check, "source_url", None)
-        if url and getattr(check, "passthrough_ok", False) and provider != "local":
-            chosen.append(url)
-        else:
-            chosen.append(str(check.path))
-    return chosen[0], chosen[1]
+    """What to give the provider for each checked input: always the checked (normalised)
+    local file, which the job uploads or inlines.
+
+    Never the user's link, even when the checks changed nothing: a link can serve the app
+    a 3 s clip and the provider a 295 s one, and the price follows what the provider
+    renders. Only the bytes that were checked and priced may reach the provider.
+    """
+    return str(prepared.image.path), str(prepared.audio.path)
 
 
 # Invisible format characters that are part of the text, not controls: the zero-width
@@ -343,7 +348,19 @@ async def _new_job(ctx, image, audio, tier, version, model, prompt, audio_second
         image_url=urls["image"], audio_url=urls["audio"], tier=tier, version=version, prompt=prompt,
         audio_seconds=audio_seconds,
     )
-    ctx.handle = await _submit_once(ctx, request)
+    try:
+        ctx.handle = await _submit_once(ctx, request)
+    except SubmitUncertain as exc:
+        # A paid job probably exists under an id we never learned: keep it in the history
+        # (with its estimated cost), so the user can see it and find it at the provider.
+        _store_call(
+            ctx.store, "record_id_unknown",
+            provider=ctx.provider.name, model=model, tier=tier, version=version, prompt=prompt,
+            image_name=ctx.extra["names"][0], audio_name=ctx.extra["names"][1], audio_seconds=audio_seconds,
+            estimated_cost_usd=cost, error=redact(exc.message, ctx.secrets), owner=ctx.owner,
+        )
+        log.warning("%s submit answered unreadably; request id unknown", ctx.provider.name)
+        raise
     # Before anything else can fail: the request id goes to the log and the store.
     log.info("submitted %s job %s (model %s)", ctx.provider.name, ctx.handle.request_id, ctx.handle.model or model)
     _store_call(
@@ -362,8 +379,13 @@ async def _input_url(ctx: _Context, what: str, source, urls: dict) -> AsyncItera
     text = os.fspath(source) if isinstance(source, os.PathLike) else str(source or "")
     scheme = urlparse(text).scheme.lower()
     if scheme in ("http", "https"):
-        urls[what] = text  # a public URL is passed through as is
-        return
+        # Never passed through: what a link serves the provider may differ from what it
+        # served the checks (and the price). Check it first (media.prepare_inputs) and send
+        # the checked file (inputs_to_send).
+        raise InputError(
+            f"The {what} was given as a link; this app only sends files it has checked. Check it first "
+            "(the app and the command line do) and send the checked file."
+        )
     path = Path(text)
     if not text or not path.is_file():
         raise InputError(f"The {what} file {text or '(none)'} was not found. Choose the file again.")
@@ -443,10 +465,25 @@ async def _follow(ctx: _Context) -> AsyncIterator[JobEvent]:
     async for event in _download(ctx, completed.video_url, dest):
         yield event
     duration = probe_duration(dest)
+    cost = _real_cost(ctx, duration)
     metadata = {**completed.metadata, "model": handle.model, "tier": ctx.tier}
+    money = {"video_seconds": duration, "cost_usd": cost} if cost is not None else {}
     ctx.finished = True
-    _update(ctx, status="completed", output_path=str(dest), metadata=_jsonable(metadata))
-    yield Done(name, handle.request_id, dest, duration, metadata, ctx.elapsed())
+    _update(ctx, status="completed", output_path=str(dest), metadata=_jsonable({**metadata, **money}))
+    yield Done(name, handle.request_id, dest, duration, metadata, ctx.elapsed(), cost_usd=cost)
+
+
+def _real_cost(ctx: _Context, seconds: float | None) -> float | None:
+    """The price of the finished video from its real length (None when either is unknown).
+
+    Providers bill what they rendered, which is what came back, not what was estimated."""
+    version = ctx.extra.get("version")
+    if seconds is None or not version or version == UNKNOWN_VERSION:
+        return None
+    try:
+        return estimate_cost(ctx.provider.name, ctx.tier, version, seconds).usd
+    except AvatarError:
+        return None
 
 
 async def _wait(ctx: _Context, seconds: float) -> None:

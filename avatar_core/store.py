@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import sqlite3
 import statistics
 import time
@@ -52,14 +53,24 @@ FAILED = "failed"
 CANCELLED = "cancelled"
 TIMED_OUT = "timed_out"
 EXPIRED = "expired"
+# The provider answered the submit but its answer could not be read: a paid job probably
+# exists, under a request id we never learned (errors.SubmitUncertain). The row keeps the
+# job (and its cost) in the history; its request_id is a placeholder, see UNKNOWN_ID_PREFIX.
+ID_UNKNOWN = "id_unknown"
 
 STATUSES: frozenset[str] = frozenset(
-    {SUBMITTED, QUEUED, PROCESSING, DOWNLOADING, COMPLETED, FAILED, CANCELLED, TIMED_OUT, EXPIRED}
+    {SUBMITTED, QUEUED, PROCESSING, DOWNLOADING, COMPLETED, FAILED, CANCELLED, TIMED_OUT, EXPIRED, ID_UNKNOWN}
 )
+# The request_id column is NOT NULL and unique per provider, so a job whose id we never
+# learned gets "?unknown-<random>". The "?" is outside every provider's id alphabet and the
+# resume form's, so it can never be taken for (or resumed as) a real id.
+UNKNOWN_ID_PREFIX = "?unknown-"
 # "timed_out" is deliberately NOT terminal: our deadline passed but the remote job is
 # left running (see errors.JobTimedOut), so it stays in unfinished() to be resumed, and
 # retention never touches it. Every status here is final: the provider is done with it.
-TERMINAL_STATUSES: frozenset[str] = frozenset({COMPLETED, FAILED, CANCELLED, EXPIRED})
+# "id_unknown" counts as terminal for this app: without a request id nothing here can follow
+# or resume the job (the user finds it in the provider's dashboard).
+TERMINAL_STATUSES: frozenset[str] = frozenset({COMPLETED, FAILED, CANCELLED, EXPIRED, ID_UNKNOWN})
 
 # --------------------------------------------------------------------------- tuning
 
@@ -161,6 +172,11 @@ class JobRecord:
     def finished(self) -> bool:
         """True when the provider is done with the job (see :data:`TERMINAL_STATUSES`)."""
         return self.status in TERMINAL_STATUSES
+
+    @property
+    def request_id_known(self) -> bool:
+        """False for a job sent to the provider whose request id never reached us (:data:`ID_UNKNOWN`)."""
+        return not self.request_id.startswith(UNKNOWN_ID_PREFIX)
 
     @property
     def duration_s(self) -> float | None:
@@ -288,6 +304,15 @@ class JobStore:
         Call it the moment submit returns, before polling. If the job is already known
         (resuming it), the existing row is returned unchanged.
         """
+        return self._insert(
+            provider=provider, request_id=request_id, model=model, tier=tier, version=version, prompt=prompt,
+            image_name=image_name, audio_name=audio_name, audio_seconds=audio_seconds,
+            estimated_cost_usd=estimated_cost_usd, owner=owner, created_at=created_at,
+            status=SUBMITTED, error=None, detail=None,
+        )
+
+    def _insert(self, *, provider, request_id, model, tier, version, prompt, image_name, audio_name,
+                audio_seconds, estimated_cost_usd, owner, created_at, status, error, detail) -> JobRecord:
         _require_text(provider=provider, request_id=request_id, tier=tier, version=version)
         _require_optional_text(model=model, prompt=prompt, image_name=image_name, audio_name=audio_name)
         _check_owner(owner)
@@ -296,14 +321,15 @@ class JobStore:
                 raise TypeError(f"{name} must be a number or None, not {type(value).__name__}")
         now = self._clock()
         created = now if created_at is None else float(created_at)
-        history = json.dumps([[created, SUBMITTED, None]])
+        history = json.dumps([[created, status, detail]])
+        finished_at = created if status in TERMINAL_STATUSES else None
         with self._write() as conn:
             conn.execute(
                 """
                 INSERT INTO jobs (provider, request_id, model, tier, version, prompt, image_name,
                     audio_name, audio_seconds, estimated_cost_usd, owner, created_at, updated_at,
-                    status, status_history)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    status, status_history, error, finished_at)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT (provider, request_id) DO NOTHING
                 """,
                 (
@@ -320,13 +346,41 @@ class JobStore:
                     owner,
                     created,
                     now,
-                    SUBMITTED,
+                    status,
                     history,
+                    error,
+                    finished_at,
                 ),
             )
             row = _select_one(conn, provider, request_id)
         assert row is not None
         return row
+
+    def record_id_unknown(
+        self,
+        *,
+        provider: str,
+        model: str | None,
+        tier: str,
+        version: str,
+        prompt: str,
+        image_name: str | None,
+        audio_name: str | None,
+        audio_seconds: float | None,
+        estimated_cost_usd: float | None,
+        error: str,
+        owner: str | None = None,
+    ) -> JobRecord:
+        """Write the row for a submit the provider answered unreadably: a paid job probably
+        exists, but its request id is unknown. Status :data:`ID_UNKNOWN`, ``error`` says where
+        to find the job; ``request_id`` is a placeholder (:attr:`JobRecord.request_id_known`)."""
+        _require_text(error=error)
+        return self._insert(
+            provider=provider, request_id=UNKNOWN_ID_PREFIX + secrets.token_hex(8), model=model, tier=tier,
+            version=version, prompt=prompt, image_name=image_name, audio_name=audio_name,
+            audio_seconds=audio_seconds, estimated_cost_usd=estimated_cost_usd, owner=owner, created_at=None,
+            status=ID_UNKNOWN, error=error, detail="sent to the provider; its answer could not be read",
+        )
 
     def update(
         self,
@@ -543,6 +597,23 @@ class JobStore:
                 "UPDATE usage_ledger SET state = ?, request_id = COALESCE(?, request_id), updated_at = ? WHERE id = ?",
                 (COMMITTED, request_id, float(now), int(usage_id)),
             )
+
+    def correct_usage(self, usage_id: int, *, cost_microusd: int, now: float) -> Usage | None:
+        """Set a job's cost to what it really cost (its finished video's length, priced).
+
+        Returns the usage of the row's day and owner afterwards, so a caller can tell
+        whether the correction took the day over a cap; None if the row is gone (pruned)."""
+        if isinstance(cost_microusd, bool) or not isinstance(cost_microusd, int) or cost_microusd < 0:
+            raise TypeError("cost_microusd must be an int >= 0")
+        with self._write() as conn:
+            row = conn.execute("SELECT day, owner FROM usage_ledger WHERE id = ?", (int(usage_id),)).fetchone()
+            if row is None:
+                return None
+            conn.execute(
+                "UPDATE usage_ledger SET cost_microusd = ?, updated_at = ? WHERE id = ?",
+                (cost_microusd, float(now), int(usage_id)),
+            )
+            return _usage(conn, row[0], row[1])
 
     def release_usage(self, usage_id: int) -> bool:
         """Drop a reservation that was never submitted (it no longer counts). False if committed."""
@@ -824,6 +895,7 @@ __all__ = [
     "DOWNLOADING",
     "EXPIRED",
     "FAILED",
+    "ID_UNKNOWN",
     "JobRecord",
     "JobStore",
     "PROCESSING",
@@ -835,6 +907,7 @@ __all__ = [
     "StoreError",
     "TERMINAL_STATUSES",
     "TIMED_OUT",
+    "UNKNOWN_ID_PREFIX",
     "Usage",
     "open_store",
 ]

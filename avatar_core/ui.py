@@ -350,6 +350,12 @@ class StatusBoard:
             self._set_progress(1.0)
             if event.duration_s:
                 self.details.append(f"Video length {event.duration_s:.1f} s.")
+            if event.cost_usd is not None and self.cost is not None and self.cost.usd is not None \
+                    and abs(event.cost_usd - self.cost.usd) >= 0.005:
+                self.details.append(f"At that length it costs about {format_usd(event.cost_usd)} "
+                                    f"(estimated {format_usd(self.cost.usd)} before it started).")
+            if event.notice:
+                self.details.append(f"**{md_escape(event.notice)}**")
         elif isinstance(event, FailedEvent):
             return self.failed(event.message, kind=event.kind)
         return self.render()
@@ -542,6 +548,7 @@ STATUS_WORDS = {
     "cancelled": "cancelled",
     "timed_out": "stopped waiting (may still finish)",
     "expired": "result expired",
+    "id_unknown": "sent, request id unknown (see the provider's dashboard)",
 }
 HISTORY_HEADERS = ["Started", "Provider", "Tier", "Length", "Cost", "Status", "Request id"]
 HISTORY_LIMIT = 200
@@ -553,6 +560,8 @@ def _when(ts: float | None) -> str:
 
 
 def job_status_words(rec: Any) -> str:
+    if rec.status == "id_unknown":
+        return f"sent, request id unknown: look for it in your {short_label(rec.provider)} dashboard"
     return STATUS_WORDS.get(rec.status, rec.status)
 
 
@@ -560,11 +569,22 @@ def job_length(rec: Any) -> str:
     return f"{rec.audio_seconds:.1f} s" if rec.audio_seconds else "-"
 
 
+def job_request_id(rec: Any) -> str:
+    """The request id as shown; a job whose id never reached us says so (store.ID_UNKNOWN)."""
+    return rec.request_id if getattr(rec, "request_id_known", True) else "not known"
+
+
+def job_cost(rec: Any) -> float | None:
+    """What the job cost: from the finished video's length when known, else the estimate."""
+    actual = (rec.metadata or {}).get("cost_usd") if isinstance(getattr(rec, "metadata", None), dict) else None
+    return actual if isinstance(actual, (int, float)) else rec.estimated_cost_usd
+
+
 def job_caption(rec: Any) -> str:
     """One line about a stored job: when, where, tier, length, cost, status, request id."""
-    cost = format_usd(rec.estimated_cost_usd) if rec.estimated_cost_usd is not None else "cost unknown"
+    cost = format_usd(job_cost(rec)) if job_cost(rec) is not None else "cost unknown"
     return (f"{_when(rec.created_at)} · {short_label(rec.provider)} · {rec.tier} · {job_length(rec)} · "
-            f"{cost} · {job_status_words(rec)} · {rec.request_id}")
+            f"{cost} · {job_status_words(rec)} · {job_request_id(rec)}")
 
 
 def has_video(rec: Any) -> bool:
@@ -574,9 +594,9 @@ def has_video(rec: Any) -> bool:
 def history_table(records: Sequence[Any]) -> list[list[str]]:
     return [
         [_when(r.created_at), short_label(r.provider), r.tier, job_length(r),
-         format_usd(r.estimated_cost_usd) if r.estimated_cost_usd is not None else "-",
+         format_usd(job_cost(r)) if job_cost(r) is not None else "-",
          job_status_words(r) + (f": {r.error[:160]}" if r.error and r.status != "completed" else ""),
-         r.request_id]
+         job_request_id(r)]
         for r in records
     ]
 
@@ -599,7 +619,8 @@ def resumable_choices(records: Sequence[Any]) -> list[tuple[str, str]]:
 def job_summary(rec: Any) -> dict:
     """What the ``/history`` API returns about one job (no key, no provider URL)."""
     return {
-        "provider": rec.provider, "request_id": rec.request_id, "tier": rec.tier, "version": rec.version,
+        "provider": rec.provider, "request_id": rec.request_id if getattr(rec, "request_id_known", True) else None,
+        "tier": rec.tier, "version": rec.version,
         "status": rec.status, "created_at": rec.created_at, "finished_at": rec.finished_at,
         "audio_seconds": rec.audio_seconds, "estimated_cost_usd": rec.estimated_cost_usd,
         "video": rec.output_path if has_video(rec) else None, "error": rec.error,
@@ -1136,9 +1157,10 @@ class Handlers:
             yield frame(board.failed(exc.message))
             return
         board.cost = prepared.cost
-        hosted = provider != "local"
-        image_in = prepared.image.source_url if hosted and prepared.image.passthrough_ok else prepared.image.path
-        audio_in = prepared.audio.source_url if hosted and prepared.audio.passthrough_ok else prepared.audio.path
+        from .jobs import inputs_to_send
+
+        # The checked files, never the links: the provider must get the bytes that were priced.
+        image_in, audio_in = inputs_to_send(prepared, provider)
         from .guard import LimitReached
 
         try:
@@ -1166,7 +1188,7 @@ class Handlers:
         try:
             async for event in events:
                 if isinstance(event, Done):
-                    cost = board.cost.usd if board.cost else None
+                    cost = event.cost_usd if event.cost_usd is not None else (board.cost.usd if board.cost else None)
                     entry = history_entry(event, tier=tier, version=version, cost_usd=cost)
                     yield frame(board.update(event), str(event.path), entry)
                     return

@@ -201,7 +201,10 @@ def test_segmind_with_the_servers_key(served):
     _assert_playable_mp4_as_long_as_the_audio(_video_path(video))
 
 
-def test_links_instead_of_files_are_passed_to_the_provider_as_they_are(served, files_url):
+def test_links_instead_of_files_are_checked_then_the_checked_files_are_uploaded(served, files_url):
+    # Behaviour changed on purpose (issue 14.4): links that needed no conversion used to go
+    # to the provider as given; a link may serve the provider other bytes than it served the
+    # checks, so the provider now always gets our upload of exactly what was checked.
     served.emu.requests.clear()
     job = served.client.submit(
         image=None, audio=None, provider="wavespeed", tier="standard", prompt="smiles", api_key=USER_WAVESPEED_KEY,
@@ -210,11 +213,17 @@ def test_links_instead_of_files_are_passed_to_the_provider_as_they_are(served, f
     status, _rid, video = job.result(timeout=JOB_TIMEOUT_S)
     assert "Done in" in status, status
     submit = served.emu.requests.to("POST", r"^/api/v3/kwaivgi/")[0]
-    # A JPEG and an MP3 that need no conversion are not uploaded again: the links go as given.
-    assert submit.json["image"] == f"{files_url}/portrait.jpg"
-    assert submit.json["audio"] == f"{files_url}/voice.mp3"
+    for field in ("image", "audio"):
+        sent = submit.json[field]
+        assert sent.startswith(f"{served.emu.url}/emulator/files/") and files_url not in sent
+        stored = served.emu.files[sent[len(f"{served.emu.url}/emulator/files/"):].split("/")[0]]
+        # The upload is the checked copy the app made in its inputs folder, byte for byte.
+        checked = served.out_dir / "inputs" / stored.filename
+        assert checked.is_file() and stored.data == checked.read_bytes()
+    # An MP3 that needed no conversion is the linked file itself.
+    assert served.emu.files[submit.json["audio"].split("/")[-2]].data == AUDIO.read_bytes()
     assert submit.json.get("prompt") == "smiles"
-    assert not served.emu.requests.to(None, r"/media/upload")
+    assert len(served.emu.requests.to("PUT", r"^/emulator/uploads/")) == 2
     _assert_playable_mp4_as_long_as_the_audio(_video_path(video))
 
 

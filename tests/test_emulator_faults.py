@@ -156,6 +156,18 @@ def test_html_page_and_custom_body(emu):
     assert httpx.get(f"{emu.url}/v2/requests/x/status", headers=SEG).json() == {"status": "QUEUED"}
 
 
+@pytest.mark.parametrize("kind", ["malformed_json", "html", "body"])
+def test_a_spoilt_answer_to_a_handled_submit_still_creates_the_job(emu, inputs, kind):
+    # handle=True: the submit is processed (a paid job exists) and only the answer is spoilt.
+    emu.faults.add(Fault(kind, r"^/v2/", method="POST", body={"status": "QUEUED"}))
+    assert seg_submit(emu, inputs).status_code == 200 and len(emu.jobs) == 0  # default: not handled
+    emu.faults.add(Fault(kind, r"^/v2/", method="POST", body={"status": "QUEUED"}, handle=True))
+    r = seg_submit(emu, inputs)
+    assert r.status_code == 200 and "request_id" not in r.text
+    [job] = emu.jobs.values()
+    assert job.model == SEG_SLUG
+
+
 def test_huge_answer_declares_and_streams_more_than_asked(emu, capfd):
     emu.faults.add(Fault("huge", r"\.mp4$", size=1024**3))
     with httpx.stream("GET", f"{emu.url}/emulator/outputs/abc/output.mp4") as r:

@@ -217,15 +217,20 @@ async def test_end_to_end_both_modes(emu, settings, inputs, tier, mode, tmp_path
     assert row.status == "completed" and row.model == model
 
 
-async def test_prompt_and_public_urls_are_sent_as_given(emu, settings, inputs):
+async def test_prompt_is_sent_as_given_and_links_are_refused(emu, settings, inputs):
     image, audio = inputs
+    events = await collect(jobs.run_job("kling", image, audio, prompt="speaks warmly", settings=settings))
+    assert isinstance(events[-1], Done), events[-1]
+    body = emu.requests_to("POST", SUBMIT)[0].json
+    assert body["prompt"] == "speaks warmly" and body["mode"] == "std"
+    # The checked files travel inline, byte for byte (issue 14.4: never a link).
+    assert base64.b64decode(body["image"]) == image.read_bytes()
+    assert base64.b64decode(body["sound_file"]) == audio.read_bytes()
     img_url = emu.file_url(emu.store_file(image.read_bytes(), "face.jpg", "image/jpeg"))
     aud_url = emu.file_url(emu.store_file(audio.read_bytes(), "voice.mp3", "audio/mpeg"))
-    events = await collect(jobs.run_job("kling", img_url, aud_url, prompt="speaks warmly", settings=settings))
-    assert isinstance(events[-1], Done), events[-1]
-    assert not any(isinstance(e, Uploading) for e in events)
-    body = emu.requests_to("POST", SUBMIT)[0].json
-    assert body == {"image": img_url, "sound_file": aud_url, "mode": "std", "prompt": "speaks warmly"}
+    events = await collect(jobs.run_job("kling", img_url, aud_url, settings=settings))
+    assert isinstance(events[-1], FailedEvent) and events[-1].kind == "InputError"
+    assert len(emu.requests_to("POST", SUBMIT)) == 1
 
 
 async def test_inline_files_within_klings_limits_and_over_them_refused_before_sending(emu, tmp_path):

@@ -128,15 +128,16 @@ async def test_prompt_and_data_uri_inputs(emu, settings, inputs):
     assert head == "data:audio/wav;base64" and base64.b64decode(payload) == audio.read_bytes()
 
 
-async def test_public_urls_are_passed_through_without_upload(emu, settings, inputs):
+async def test_links_are_never_passed_through(emu, settings, inputs):
+    # Issue 14.4: a link may serve the provider other bytes than it served the checks, so the
+    # job loop refuses links; the app and the CLI send the checked files (jobs.inputs_to_send).
     image, audio = inputs
     img_url = emu.file_url(emu.store_file(image.read_bytes(), "face.png", "image/png"))
     aud_url = emu.file_url(emu.store_file(audio.read_bytes(), "voice.wav", "audio/wav"))
     events = await collect(jobs.run_job("replicate", img_url, aud_url, settings=settings))
-    assert isinstance(events[-1], Done), events[-1]
-    assert not emu.requests_to("POST", r"^/v1/files")
-    sent = emu.requests_to("POST", PREDICT)[0].json["input"]
-    assert sent["image"] == img_url and sent["audio"] == aud_url
+    assert isinstance(events[-1], FailedEvent) and events[-1].kind == "InputError"
+    assert "only sends files it has checked" in events[-1].message
+    assert emu.requests_to("POST", r".*") == []
 
 
 async def test_an_oversized_inline_file_is_refused_before_sending(tmp_path, emu):

@@ -141,16 +141,16 @@ async def test_v2_models_use_their_own_ids(emu, settings, inputs):
     assert len(emu.requests_to("POST", r"^/v2/kling-v2-pro-avatar$")) == 1
 
 
-async def test_public_urls_are_passed_through_without_upload(emu, settings, inputs):
+async def test_links_are_refused_so_the_provider_only_gets_checked_files(emu, settings, inputs):
+    # Issue 14.4 (behaviour changed on purpose): links used to be passed through when the
+    # checks changed nothing; a link can serve the provider other bytes, so never again.
     image, audio = inputs
     img_url = emu.url + emu.file_url(emu.store_file(image.read_bytes(), "face.png", "image/png"))[len(emu.url):]
     aud_url = emu.url + emu.file_url(emu.store_file(audio.read_bytes(), "voice.wav", "audio/wav"))[len(emu.url):]
     events = await collect(jobs.run_job("wavespeed", img_url, aud_url, settings=settings))
-    assert isinstance(events[-1], Done)
-    assert not any(isinstance(e, Uploading) for e in events)
-    assert not emu.requests_to("POST", r"/media/")
-    submit = emu.requests_to("POST", r"^/api/v3/kwaivgi/")[0]
-    assert submit.json["image"] == img_url and submit.json["audio"] == aud_url
+    assert isinstance(events[-1], FailedEvent) and events[-1].kind == "InputError"
+    assert not any(isinstance(e, (Uploading, Submitted)) for e in events)
+    assert emu.requests_to("POST", r".*") == []
 
 
 # ------------------------------------------------------------------ faults

@@ -84,6 +84,9 @@ class Fault:
     - ``"html"``: HTTP ``status`` (default 200) with an HTML page (a captive portal or a
       proxy's error page).
     - ``"body"``: HTTP ``status`` (default 200) with ``body`` (dict/list -> JSON, str, bytes).
+
+      For ``"malformed_json"``, ``"html"`` and ``"body"``, ``handle=True`` runs the request
+      first, so a submit creates its (paid) job and the client gets an answer it cannot read.
     - ``"huge"``: HTTP 200, ``Content-Length: size`` (unless ``declare=False``, then
       chunked) and ``size`` bytes of zeros, until the client hangs up.
     """
@@ -101,6 +104,7 @@ class Fault:
     content_type: str | None = None
     size: int = 0
     declare: bool = True
+    handle: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in _FAULT_KINDS:
@@ -1044,6 +1048,8 @@ class Emulator:
                     route.handler(ctx)
                 return Response(drop=True)
             else:
+                if fault.handle and route is not None and fault.kind in ("malformed_json", "html", "body"):
+                    route.handler(ctx)  # the job exists; only the answer is spoilt
                 return self._fault_response(fault, ctx)
         if route is None:
             if allowed:

@@ -15,7 +15,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Literal, Mapping, Protocol, Union, runtime_checkable
+from typing import Any, AsyncIterator, Callable, Literal, Mapping, Protocol, TypeVar, Union, runtime_checkable
 
 import httpx
 
@@ -32,6 +32,8 @@ from ..errors import (
     TransientError,
 )
 from .keepalive import KeepAliveReads, proxy_configured
+
+_T = TypeVar("_T")
 
 Tier = Literal["standard", "pro"]
 ModelVersion = Literal["v1", "v2"]
@@ -315,6 +317,9 @@ class HttpProvider:
     name = "http"
     label = "Provider"
     supports_cancel = False
+    # Where the user finds a job whose request id this app never learned (a submit reply
+    # it could not read): named in the SubmitUncertain message. Each provider names its own.
+    dashboard = "the provider's dashboard"
 
     def __init__(
         self,
@@ -417,6 +422,27 @@ class HttpProvider:
         if response.status_code not in passthrough:
             raise_for_status(response, provider=self.name, label=self.label, detail=self.error_detail(response))
         return response
+
+    def submit_reply(self, response: httpx.Response, read: Callable[[httpx.Response], _T]) -> _T:
+        """``read(response)``: the handle from a submit's 2xx answer. An answer that cannot be
+        read (not JSON, no request id, cut short) is no refusal: the provider said yes, so a
+        paid job probably exists. That is SubmitUncertain, never a ProtocolError (which would
+        read as "nothing happened" and give the money back)."""
+        try:
+            return read(response)
+        except ProtocolError as exc:
+            raise self.submit_id_unknown(exc.message, response.status_code) from exc
+
+    def submit_id_unknown(self, why: str, status_code: int) -> SubmitUncertain:
+        """The error for a submit the provider accepted whose request id we could not read."""
+        return SubmitUncertain(
+            f"{self.label} answered the submit with HTTP {status_code}, but the answer could not be read "
+            f"({why.rstrip('.')}), so this app does not know the job's request id and cannot follow it. "
+            f"A paid job has probably been created: look for it in {self.dashboard} (its video can be "
+            "downloaded there) before submitting again.",
+            provider=self.name,
+            status_code=status_code,
+        )
 
     def json(self, response: httpx.Response, request_id: str | None = None) -> Any:
         return decode_json(response, provider=self.name, label=self.label, request_id=request_id)

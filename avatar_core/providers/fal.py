@@ -67,6 +67,7 @@ class FalProvider(HttpProvider):
     name = "fal"
     label = "fal.ai"
     supports_cancel = True  # PUT .../requests/{id}/cancel
+    dashboard = "the Requests list of your fal.ai dashboard (fal.ai/dashboard)"
 
     def __init__(self, api_key: str, base_url: str = "https://queue.fal.run", **kw) -> None:
         super().__init__(base_url, {"Authorization": f"Key {api_key}"}, **kw)
@@ -116,8 +117,8 @@ class FalProvider(HttpProvider):
             "prompt": request.prompt or DEFAULT_PROMPT,
         }
         response = await self.submit_request("POST", f"/{endpoint}", json=body)
-        data = self.json(response)
-        request_id = str(require(data, "request_id", self))
+        data = self.submit_reply(response, self.json)
+        request_id = str(self.submit_reply(response, lambda r: require(data, "request_id", self)))
         urls = {}
         for which in ("status", "response", "cancel"):
             url = data.get(f"{which}_url") if isinstance(data, dict) else None

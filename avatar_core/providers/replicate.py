@@ -54,6 +54,7 @@ class ReplicateProvider(HttpProvider):
     name = "replicate"
     label = "Replicate"
     supports_cancel = True  # POST /v1/predictions/{id}/cancel
+    dashboard = "the Predictions list of your Replicate dashboard (replicate.com/predictions)"
 
     def __init__(
         self, api_token: str, base_url: str = "https://api.replicate.com", *, file_encoding: FileEncoding = "url", **kw
@@ -103,7 +104,9 @@ class ReplicateProvider(HttpProvider):
         if request.prompt:
             inputs["prompt"] = request.prompt
         response = await self.submit_request("POST", f"/v1/models/{model}/predictions", json={"input": inputs})
-        return JobHandle(self.name, str(require(self.json(response), "id", self)), model)
+        return self.submit_reply(
+            response, lambda r: JobHandle(self.name, str(require(self.json(r), "id", self)), model)
+        )
 
     def parse_status(self, body: Any, request_id: str) -> JobStatus:
         """The one place Replicate's prediction statuses are read."""

@@ -34,6 +34,7 @@ class SegmindProvider(HttpProvider):
     name = "segmind"
     label = "Segmind"
     supports_cancel = False  # the v2 queue API documents no cancel
+    dashboard = "the request logs of your Segmind console (segmind.com)"
 
     def __init__(
         self,
@@ -64,8 +65,9 @@ class SegmindProvider(HttpProvider):
         if request.prompt:
             body["prompt"] = request.prompt
         response = await self.submit_request("POST", f"/v2/{slug}", json=body)
-        data = self.json(response)
-        return JobHandle(self.name, str(require(data, "request_id", self)), slug)
+        return self.submit_reply(
+            response, lambda r: JobHandle(self.name, str(require(self.json(r), "request_id", self)), slug)
+        )
 
     def parse_status(self, response: httpx.Response, request_id: str) -> JobStatus:
         """The one place Segmind's status values are read (422 means FAILED)."""

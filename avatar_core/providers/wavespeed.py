@@ -33,6 +33,7 @@ class WaveSpeedProvider(HttpProvider):
     name = "wavespeed"
     label = "WaveSpeed"
     supports_cancel = False  # the public API documents no cancel endpoint
+    dashboard = "the recent predictions of your WaveSpeed dashboard (wavespeed.ai)"
 
     def __init__(self, api_key: str, base_url: str = "https://api.wavespeed.ai", **kw) -> None:
         super().__init__(base_url, {"Authorization": f"Bearer {api_key}"}, **kw)
@@ -106,7 +107,8 @@ class WaveSpeedProvider(HttpProvider):
             body["prompt"] = request.prompt
         response = await self.submit_request("POST", f"/api/v3/{model}", json=body)
         try:
-            data = self._data(response)
+            data = self.submit_reply(response, self._data)
+            return JobHandle(self.name, str(self.submit_reply(response, lambda _r: require(data, "id", self))), model)
         except TransientError as exc:
             # An HTTP 200 whose envelope says 5xx: the server answered, so this is not a
             # network fault we may retry; the job's existence is unknown.
@@ -115,8 +117,6 @@ class WaveSpeedProvider(HttpProvider):
                 "created, but check your WaveSpeed dashboard before submitting again.",
                 provider=self.name,
             ) from exc
-        request_id = require(data, "id", self)
-        return JobHandle(self.name, str(request_id), model)
 
     async def _read(self, handle: JobHandle) -> dict[str, Any]:
         response = await self.request(
