@@ -199,14 +199,12 @@ def test_preview_of_a_large_photo_is_small(tmp_path, settings):
     assert len(res.faces) == 1
 
 
-def test_12_megapixel_jpeg_is_checked_quickly(tmp_path, settings):
+def test_12_megapixel_jpeg_is_checked(tmp_path, settings):
+    # How fast: bench/bench_media.py (timing goals live in bench/, not in tests).
     src = mf.make_portrait(tmp_path / "12mp.jpg", "JPEG", scale=3464 / 512)  # 3464 x 3464 = 12 MP
-    t0 = time.perf_counter()
     res = check_image(src, settings=settings)
-    elapsed = time.perf_counter() - t0
     assert len(res.faces) == 1
     assert res.path.stat().st_size <= image_mod.MAX_OUTPUT_BYTES
-    assert elapsed < 3.0, f"check_image took {elapsed:.2f} s"  # ~0.8 s measured on 2 cores
 
 
 def test_same_input_reuses_the_same_output_file(tmp_path, settings):
