@@ -12,7 +12,8 @@ answer also gets ``X-Content-Type-Options: nosniff`` and a sandboxing
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
 # What the checks, the renderer and the job downloads write into the served folders.
 INLINE_TYPES = frozenset({"image/jpeg", "image/png", "audio/mpeg", "audio/wav", "audio/x-wav", "video/mp4"})

@@ -25,15 +25,15 @@ import uuid
 from pathlib import Path
 
 import httpx
+import media_factory as mf
 import pytest
+from media_factory import LocalServer
 
 import app
-import media_factory as mf
 from avatar_core.config import load_settings
 from avatar_core.emulator import Emulator, tone_video_maker
 from avatar_core.media.inputs import LINK_ONLY_WEB
 from avatar_core.serving import INLINE_TYPES
-from media_factory import LocalServer
 from tests.helpers import free_port
 
 WS_KEY = "ws-visitor-own-key-links-2718"

@@ -40,7 +40,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Union
+from collections.abc import Iterator
 
 import httpx
 from PIL import Image
@@ -85,7 +85,7 @@ class Link:
     text: str
 
 
-Source = Union[Link, str, os.PathLike]
+Source = Link | str | os.PathLike
 
 
 @dataclass(frozen=True)
