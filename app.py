@@ -273,6 +273,13 @@ def build_demo(settings: Settings | None = None, *, store=None, host: str | None
 def launch(demo: gr.Blocks, settings: Settings | None = None, **overrides):
     """Launch with the options that must hold everywhere (see ``ui.launch_options``)."""
     settings = settings or load_settings()
+    from starlette.middleware import Middleware
+
+    from avatar_core.serving import InlineMediaOnly
+
+    app_kwargs = dict(overrides.pop("app_kwargs", None) or {})
+    # Served files show inline only as the media the app writes; anything else is a download.
+    app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(InlineMediaOnly)]
     options = {
         **ui.launch_options(),
         "theme": THEME,
@@ -283,6 +290,7 @@ def launch(demo: gr.Blocks, settings: Settings | None = None, **overrides):
         # Optional login page (AVATAR_AUTH); signed-in users may use the server's keys.
         "auth": auth_credentials(settings),
         "auth_message": "Sign in to make videos with this server's keys.",
+        "app_kwargs": app_kwargs,
         **overrides,
     }
     return demo.launch(**options)

@@ -676,12 +676,19 @@ def friendly_unexpected(exc: BaseException, secrets: Sequence[str | None] = ()) 
     )
 
 
-def pick_source(upload: str | None, url: str | None) -> str | None:
-    """The file if one was uploaded, otherwise the link (stripped), otherwise None."""
+def pick_source(upload: str | None, url: str | None):
+    """The uploaded file as a ``Path``, otherwise the link text as a ``Link``, otherwise None.
+
+    The types carry where each came from: ``upload`` is a file Gradio saved in its upload
+    cache (it refuses API payloads naming any other file), ``url`` is whatever a visitor
+    typed, which the checks only ever fetch over http(s) (see media/inputs.py).
+    """
+    from .media.inputs import Link
+
     if upload:
-        return str(upload)
+        return Path(upload)
     url = (url or "").strip()
-    return url or None
+    return Link(url) if url else None
 
 
 # ----------------------------------------------------------------------------- small UI pieces

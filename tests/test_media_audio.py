@@ -97,6 +97,15 @@ def test_video_without_sound(tmp_path, settings):
         check_audio(src, settings=settings)
 
 
+@pytest.mark.parametrize("fmt, ext", [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp"), ("GIF", "gif")])
+def test_a_picture_given_as_audio_is_called_a_picture(tmp_path, settings, fmt, ext):
+    src = mf.make_image(tmp_path / f"photo.{ext}", fmt, (320, 400))
+    with pytest.raises(InputError) as exc:
+        check_audio(src, settings=settings)
+    assert exc.value.message.startswith(f"photo.{ext} is a picture, not a sound file. Put it in the portrait field")
+    assert "video" not in exc.value.message and "voice recording (MP3, WAV" in exc.value.message
+
+
 def test_too_short(tmp_path, settings):
     src = mf.make_tone(tmp_path / "short.wav", "wav", 1.0)
     with pytest.raises(InputError, match=r"too short \(1.0 s\). It must last at least 2 s"):

@@ -127,3 +127,45 @@ def test_results_are_frozen(tmp_path, settings):
 def test_folder_is_not_a_file(tmp_path, settings):
     with pytest.raises(InputError, match="is a folder"):
         check_image(tmp_path, settings=settings)
+
+
+# ----------------------------------------------------------------------------- link text (issue 14, item 1 and 2)
+
+
+def test_link_text_is_never_a_path(tmp_path, settings):
+    """A Link that names a server file, a folder, ~ or nothing gets the same words; nothing is read."""
+    from avatar_core.media.inputs import LINK_ONLY_WEB, Link
+
+    real = mf.make_portrait(tmp_path / "real.jpg")
+    voice = mf.make_tone(tmp_path / "real.mp3", "mp3", 3.0)
+    for text in (str(real), str(voice), str(tmp_path), str(tmp_path / "missing.png"), "~", "/etc/passwd",
+                 f"file://{real}", "data:image/png;base64,AAAA", "ftp://x.test/a.jpg", "C:\\a.jpg", "real.jpg"):
+        for check in (check_image, check_audio):
+            with pytest.raises(InputError) as exc:
+                check(Link(text), settings=settings)
+            assert exc.value.message == LINK_ONLY_WEB, (text, exc.value.message)
+    assert not (settings.output_dir / "inputs").exists() or not any((settings.output_dir / "inputs").iterdir())
+    # The same file as a path (an upload, the CLI) is checked as usual.
+    assert check_image(real, settings=settings).width > 0
+
+
+def test_a_links_download_is_deleted_after_the_check_pass_or_fail(server, settings, monkeypatch, tmp_path):
+    import tempfile
+
+    from avatar_core.media.inputs import Link
+
+    private = tmp_path / "private-tmp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    server.routes["/page.html"] = (200, {"Content-Type": "text/html"}, b"<html><script>x()</script></html>")
+    with pytest.raises(InputError, match="page.html is not an image we can read") as exc:
+        check_image(Link(server.url("/page.html")), settings=settings)
+    assert str(private) not in exc.value.message and "url-" not in exc.value.message
+    ok = check_image(Link(server.url("/face.jpg")), settings=settings)
+    aud = check_audio(Link(server.url("/voice.mp3")), provider="wavespeed", settings=settings)
+    assert list(private.iterdir()) == []  # both downloads gone
+    kept = sorted(p.name for p in (settings.output_dir / "inputs").iterdir())
+    assert all(n.startswith(("image-", "audio-", "wave-")) for n in kept), kept
+    # The link's MP3 was written by us, not kept as downloaded (still fit to pass through).
+    assert aud.passthrough_ok and aud.path.read_bytes() != server.routes["/voice.mp3"][2]
+    assert ok.path.read_bytes() != server.routes["/face.jpg"][2]

@@ -137,13 +137,28 @@ def _is_cover_art(stream) -> bool:
         return False
 
 
+# Demuxers FFmpeg opens still pictures with (a PNG given as audio opens as a one-frame "video").
+_PICTURE_FORMATS = ("image2", "_pipe", "gif", "apng", "webp")
+
+
+def _no_sound(container, path: Path) -> InputError:
+    """The message for a file with no audio stream: a picture, a silent video, or neither."""
+    fmt = container.format.name or ""
+    if container.streams.video and any(part in fmt for part in _PICTURE_FORMATS):
+        return InputError(
+            f"{_name(path)} is a picture, not a sound file. Put it in the portrait field, and choose a voice "
+            "recording (MP3, WAV, M4A, ...) for the voice."
+        )
+    what = "video has no sound track" if container.streams.video else "file has no sound in it"
+    return InputError(f"This {what} ({_name(path)}). Choose a voice recording (MP3, WAV, M4A, ...).")
+
+
 def probe(path: str | os.PathLike) -> AudioInfo:
     """Duration, codec, sample rate and channels from the headers (no full decode)."""
     path = Path(path)
     with _open(path) as container:
         if not container.streams.audio:
-            what = "video has no sound track" if container.streams.video else "file has no sound in it"
-            raise InputError(f"This {what} ({_name(path)}). Choose a voice recording (MP3, WAV, M4A, ...).")
+            raise _no_sound(container, path)
         stream = container.streams.audio[0]
         duration = None
         if stream.duration is not None and stream.time_base is not None:
@@ -170,8 +185,7 @@ def decode(path: str | os.PathLike, *, sample_rate: int | None = None, mono: boo
     path = Path(path)
     with _open(path) as container:
         if not container.streams.audio:
-            what = "video has no sound track" if container.streams.video else "file has no sound in it"
-            raise InputError(f"This {what} ({_name(path)}). Choose a voice recording (MP3, WAV, M4A, ...).")
+            raise _no_sound(container, path)
         stream = container.streams.audio[0]
         channels = 1 if mono else min(2, max(1, stream.codec_context.channels or 1))
         rate = sample_rate or stream.codec_context.sample_rate or 44100

@@ -1,17 +1,32 @@
 """The one entry point the app and the CLI call to check and prepare inputs.
 
-* :func:`check_image` — a portrait (path or http(s) URL) -> :class:`ImageCheck`
-* :func:`check_audio` — a voice track (path or URL, also a video's sound) -> :class:`AudioCheck`
+* :func:`check_image` — a portrait -> :class:`ImageCheck`
+* :func:`check_audio` — a voice track (also a video's sound) -> :class:`AudioCheck`
 * :func:`prepare_inputs` — both, plus the cost estimate -> :class:`PreparedInputs`
 
-Normalised files go to ``settings.output_dir / "inputs"``, named by a hash of their
+What a source is decides how it is read, by its type, never by what its text looks like:
+
+* a :class:`Link` is text a visitor typed or pasted (the page's link fields, the API's
+  ``image_url``/``audio_url``): it is only ever fetched over http(s); anything else
+  (a server path, ``~``, ``file:``, ``data:``, ``ftp:``) gets the one fixed message
+  :data:`LINK_ONLY_WEB`, whatever exists on the server;
+* a :class:`~pathlib.Path` (any ``os.PathLike``) is a local file: an upload Gradio saved
+  in its own cache, or a file named on the command line by the local user;
+* a plain ``str`` is for trusted local callers (the command line, scripts): an http(s)
+  URL is fetched, anything else is a local path.
+
+A link's download lives in a private temporary folder (not the output folder, not any
+folder the app serves) only while it is checked, and is deleted afterwards, pass or
+fail. Only what the checks write themselves goes to ``settings.output_dir / "inputs"``:
+re-encoded JPEG/PNG portraits, MP3/WAV voice tracks (re-encoded for links; an uploaded
+file that already fits is copied as it is) and PNG waveforms, named by a hash of their
 content so repeating a check reuses the same file. Problems a user must fix raise
 :class:`~avatar_core.errors.InputError`; things worth knowing (no face, several faces,
 the sound of a video used) are returned as ``warnings``.
 
 A URL that passes the checks is kept as ``source_url``; when ``passthrough_ok`` is True
-the normalised file is identical in content to what the URL serves (no rotation,
-conversion, trimming or downscaling was needed), so a hosted provider can be given the
+what the URL serves needed no rotation, conversion, trimming or downscaling (the file
+we wrote holds the same picture or sound), so a hosted provider can be given the
 original URL instead of an upload.
 """
 
@@ -19,7 +34,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +71,21 @@ SUGGEST_TRIM_S = 1.0
 CODEC_PADDING_S = 0.1
 
 INPUTS_DIRNAME = "inputs"
+# The one answer to link text that is not an http(s) link: the same words whatever it
+# names on the server (a file, a folder, nothing), so a link field tells nothing about it.
+LINK_ONLY_WEB = "A link must start with http:// or https://. To use a file on your computer, upload it instead."
+WEB_SCHEMES = ("http", "https")
+
+
+@dataclass(frozen=True)
+class Link:
+    """Link text from a visitor (a link field of the page or the API). Only ever fetched
+    over http(s); never opened as a local path, whatever it says."""
+
+    text: str
+
+
+Source = Link | str | os.PathLike
 
 
 @dataclass(frozen=True)
@@ -67,7 +101,7 @@ class ImageCheck:
     warnings: list[str]
     preview: Image.Image = field(repr=False, compare=False)  # at most 1024 px, faces boxed
     source_url: str | None = None
-    passthrough_ok: bool = False  # the URL serves exactly what we would upload
+    passthrough_ok: bool = False  # what the URL serves is fit to send as it is
 
 
 @dataclass(frozen=True)
@@ -135,45 +169,67 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _materialise(
-    source: str | os.PathLike,
+def _scheme(text: str) -> str:
+    return text.split(":", 1)[0].lower() if ":" in text else ""
+
+
+def _download_name(filename: str, what: str) -> str:
+    """A safe file name for a download: the link's own name (so messages name what the
+    visitor gave), reduced to plain characters; never a path."""
+    name = re.sub(r"[^A-Za-z0-9._ -]", "_", filename).strip(" .")[:80]
+    return name or f"linked-{what}"
+
+
+@contextmanager
+def _materialised(
+    source: Source,
     *,
     settings: Settings,
     what: str,
     max_bytes: int,
     resolver: Resolver | None,
     transport: httpx.BaseTransport | None,
-) -> tuple[Path, str | None]:
-    """A local path for ``source``; URLs are fetched into the work dir. -> (path, url or None)."""
-    if isinstance(source, str) and is_url(source):
-        got = fetch(
-            source,
-            max_bytes=max_bytes,
-            allow_private=settings.allow_private_urls,
-            resolver=resolver or system_resolver,
-            transport=transport,
-            what=what,
-        )
-        suffix = Path(got.filename).suffix.lower()[:8] if got.filename else ""
-        dest = _work_dir(settings) / f"url-{_digest(got.data)}{suffix}"
-        if not dest.exists():
-            _image.write_atomic(dest, got.data)
-        else:
-            _touch(dest)
-        return dest, source.strip()
-    if source is None or (isinstance(source, str) and not source.strip()):
-        raise InputError(f"No {what} was given. Choose a file or paste a link.")
-    path = Path(source).expanduser()
-    if path.is_dir():
-        raise InputError(f"{path} is a folder, not a {what} file. Choose the file itself.")
-    return path, None
+) -> Iterator[tuple[Path, str | None]]:
+    """A local file for ``source`` while the block runs -> (path, link or None).
+
+    Links are downloaded into a private temporary folder that is deleted when the block
+    ends, whether the check passed or not.
+    """
+    if isinstance(source, Link):
+        text = (source.text or "").strip()
+        if not text:
+            raise InputError(f"No {what} was given. Choose a file or paste a link.")
+        if _scheme(text) not in WEB_SCHEMES:
+            raise InputError(LINK_ONLY_WEB)
+    elif isinstance(source, str) and is_url(source):  # a trusted caller's URL (CLI, scripts)
+        text = source.strip()
+    else:
+        if source is None or (isinstance(source, str) and not source.strip()):
+            raise InputError(f"No {what} was given. Choose a file or paste a link.")
+        path = Path(source).expanduser()
+        if path.is_dir():
+            raise InputError(f"{path} is a folder, not a {what} file. Choose the file itself.")
+        yield path, None
+        return
+    got = fetch(
+        text,
+        max_bytes=max_bytes,
+        allow_private=settings.allow_private_urls,
+        resolver=resolver or system_resolver,
+        transport=transport,
+        what=what,
+    )
+    with tempfile.TemporaryDirectory(prefix="avatar-link-") as private:  # mode 0700, outside anything served
+        dest = Path(private) / _download_name(got.filename, what)
+        dest.write_bytes(got.data)
+        yield dest, text
 
 
 # ------------------------------------------------------------------------------ image
 
 
 def check_image(
-    source: str | os.PathLike,
+    source: Source,
     *,
     settings: Settings,
     resolver: Resolver | None = None,
@@ -184,9 +240,13 @@ def check_image(
     Raises InputError for unreadable, empty, damaged, too small, too wide/tall or
     impossibly large images. ``resolver``/``transport`` are for tests of URL inputs.
     """
-    path, url = _materialise(
+    with _materialised(
         source, settings=settings, what="image", max_bytes=FETCH_MAX_IMAGE_BYTES, resolver=resolver, transport=transport
-    )
+    ) as (path, url):
+        return _check_image_file(path, url, settings)
+
+
+def _check_image_file(path: Path, url: str | None, settings: Settings) -> ImageCheck:
     loaded = _image.load_image(path)
     img = loaded.image
     _image.check_geometry(img.width, img.height)
@@ -255,7 +315,7 @@ def face_warnings(faces: list[FaceBox], size: tuple[int, int]) -> list[str]:
 
 
 def check_audio(
-    source: str | os.PathLike,
+    source: Source,
     *,
     provider: str = "local",
     settings: Settings,
@@ -273,9 +333,14 @@ def check_audio(
     """
     limits = _audio.limits_for(provider)
     version = version or default_version(provider)
-    path, url = _materialise(
+    with _materialised(
         source, settings=settings, what="audio", max_bytes=FETCH_MAX_AUDIO_BYTES, resolver=resolver, transport=transport
-    )
+    ) as (path, url):
+        return _check_audio_file(path, url, limits, provider, settings, trim_silence, tier, version)
+
+
+def _check_audio_file(path: Path, url: str | None, limits: _audio.AudioLimits, provider: str, settings: Settings,
+                      trim_silence: bool, tier: str, version: str) -> AudioCheck:
     info = _audio.probe(path)
     if not trim_silence and info.duration_s is not None and info.duration_s > limits.max_s * 1.05:
         raise _too_long(info.duration_s, limits, provider, trim_silence)
@@ -321,20 +386,22 @@ def check_audio(
         raise _too_long(duration, limits, provider, trim_silence)
 
     work = _work_dir(settings)
-    key = _digest(_file_digest(path), provider, str(trim_silence))
+    # A link's bytes are never kept as they came: its file is always written by us.
+    key = _digest(_file_digest(path), provider, str(trim_silence), "link" if url is not None else "file")
     fmt = limits.output
     dest = work / f"audio-{key}.{fmt}"
-    passthrough = False
     if dest.exists():
         _touch(dest)  # reused: its retention age starts again
     same_codec = (fmt == "mp3" and info.codec == "mp3" and info.container == "mp3") or (
         fmt == "wav" and info.codec == "pcm_s16le" and info.container == "wav"
     )
     size_ok = limits.max_bytes is None or path.stat().st_size <= limits.max_bytes
-    if same_codec and trimmed_s == 0 and not padding_cut and size_ok and info.channels <= 2:
+    fits_as_is = same_codec and trimmed_s == 0 and not padding_cut and size_ok and info.channels <= 2
+    # The provider may fetch the link itself: what it serves is already what it accepts.
+    passthrough = fits_as_is and url is not None
+    if fits_as_is and url is None:  # an upload that already fits is kept as it is (no re-encoding loss)
         if not dest.exists():
             shutil.copyfile(path, dest)
-        passthrough = url is not None
     elif not dest.exists():
         _audio.write_audio(segment, dest, fmt)
         if limits.max_bytes is not None and dest.stat().st_size > limits.max_bytes and fmt == "mp3":
@@ -388,8 +455,8 @@ def _too_long(seconds: float, limits: _audio.AudioLimits, provider: str, trimmin
 
 
 def prepare_inputs(
-    image_source: str | os.PathLike,
-    audio_source: str | os.PathLike,
+    image_source: Source,
+    audio_source: Source,
     *,
     provider: str,
     tier: str,
