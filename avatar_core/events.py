@@ -64,6 +64,9 @@ class Done:
     duration_s: float | None
     metadata: Mapping[str, Any] = field(default_factory=dict)
     elapsed: float = 0.0
+    # What the user should know about the result, shown with "done" ("" when nothing), e.g.
+    # the Local preview found no face and animated the picture without a mouth.
+    note: str = ""
 
 
 @dataclass(frozen=True)

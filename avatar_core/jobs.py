@@ -444,8 +444,9 @@ async def _follow(ctx: _Context) -> AsyncIterator[JobEvent]:
     duration = probe_duration(dest)
     metadata = {**completed.metadata, "model": handle.model, "tier": ctx.tier}
     ctx.finished = True
-    _update(ctx, status="completed", output_path=str(dest), metadata=_jsonable(metadata))
-    yield Done(name, handle.request_id, dest, duration, metadata, ctx.elapsed())
+    note = getattr(completed, "note", "") or ""
+    _update(ctx, status="completed", output_path=str(dest), metadata=_jsonable(metadata), detail=note or None)
+    yield Done(name, handle.request_id, dest, duration, metadata, ctx.elapsed(), note=note)
 
 
 async def _wait(ctx: _Context, seconds: float) -> None:

@@ -13,6 +13,9 @@ A URL that passes the checks is kept as ``source_url``; when ``passthrough_ok`` 
 the normalised file is identical in content to what the URL serves (no rotation,
 conversion, trimming or downscaling was needed), so a hosted provider can be given the
 original URL instead of an upload.
+
+A portrait with no face is refused by :func:`prepare_inputs` for every hosted provider
+(before anything is uploaded or submitted); the Local preview takes it and says so when done.
 """
 
 from __future__ import annotations
@@ -220,6 +223,15 @@ def check_image(
     )
 
 
+def no_face_refusal(provider: str) -> str:
+    """Why a hosted job was refused for a portrait without a face, and what to do."""
+    return (
+        f"No face was found in the portrait, so nothing was sent to {_provider_name(provider)} and nothing was paid. "
+        "The avatar needs one clear face: choose a well-lit photo where one face looks at the camera "
+        "(not covered, turned away or too small). The Local preview can still animate this picture, for free."
+    )
+
+
 def face_warnings(faces: list[FaceBox], size: tuple[int, int]) -> list[str]:
     """User-facing warnings about the faces found (none, several, very small)."""
     if not faces:
@@ -389,6 +401,10 @@ def prepare_inputs(
     version = version or default_version(provider)
     model_id(provider, tier, version)  # InputError for an unknown provider/tier/version
     img = check_image(image_source, settings=settings, resolver=resolver, transport=transport)
+    if not img.faces and provider != "local":
+        # Before the audio is even looked at: nothing is uploaded or paid for a picture a
+        # hosted model would refuse or animate badly. The Local preview animates it anyway.
+        raise InputError(no_face_refusal(provider))
     aud = check_audio(
         audio_source,
         provider=provider,
