@@ -237,7 +237,9 @@ def face_warnings(faces: list[FaceBox], size: tuple[int, int]) -> list[str]:
     if not faces:
         return [
             "No face was found in the image. The avatar needs one clear face looking at the camera: "
-            "use a well-lit portrait where the face is not covered or turned away."
+            "use a well-lit portrait where the face is not covered or turned away. "
+            "Hosted providers are not sent a picture without a face; the Local preview animates it "
+            "without moving the mouth."
         ]
     out: list[str] = []
     if len(faces) > 1:
