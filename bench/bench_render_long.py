@@ -151,7 +151,7 @@ def main(argv=None) -> int:
             ("renderer", f"CLI local preview, {seconds:.0f} s speech: peak memory (RSS)",
              f"{max(r['peak_mb'] for r in results):.0f} MB", "(none set)", None),
         ])
-    return 0 if met else 1
+    return 0  # like the other scripts: a missed target is reported in the figures, run_all.py counts it
 
 
 if __name__ == "__main__":
