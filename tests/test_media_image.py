@@ -212,3 +212,21 @@ def test_12_megapixel_jpeg_is_checked_quickly(tmp_path, settings):
 def test_same_input_reuses_the_same_output_file(tmp_path, settings):
     src = mf.make_image(tmp_path / "a.jpg", "JPEG", (400, 400))
     assert check_image(src, settings=settings).path == check_image(src, settings=settings).path
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped_white(mode):
+    """Every 16-bit level v becomes v >> 8 (Pillow's own convert("RGB") clips all of them
+    above 255 to white)."""
+    import numpy as np
+
+    levels = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    im = Image.fromarray(levels)  # I;16
+    if mode != "I;16":
+        im = im.convert(mode) if mode == "I" else Image.frombytes(mode, im.size, levels.astype(">u2").tobytes())
+    assert im.mode == mode
+    rgb = image_mod.to_rgb(im)
+    assert rgb.mode == "RGB"
+    out = np.asarray(rgb)
+    assert (out[..., 0] == out[..., 2]).all() and (out[..., 0] == out[..., 1]).all()
+    assert (out[..., 0].astype(np.int64) == (levels >> 8)).all()
