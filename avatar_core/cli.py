@@ -43,7 +43,8 @@ def describe(event: JobEvent) -> str:
         return "downloading the video" if event.received == 0 else f"downloaded {event.received} bytes"
     if isinstance(event, Done):
         dur = f" ({event.duration_s:.1f} s)" if event.duration_s else ""
-        return f"done{dur}: {event.path}"
+        note = f". {event.note}" if event.note else ""
+        return f"done{dur}: {event.path}{note}"
     if isinstance(event, FailedEvent):
         return f"failed: {event.message}"
     return str(event)
@@ -110,7 +111,9 @@ async def _print_events(events: AsyncIterator[JobEvent], out: Path | None) -> in
                     return EXIT_FAILED
                 path = Path(out)
             dur = f"{event.duration_s:.1f} s" if event.duration_s else "unknown length"
-            print(f"[{event.elapsed:6.1f}s] done: {dur}", flush=True)
+            # The finished line says what the user must know about the video (no face found...).
+            note = f". {event.note}" if event.note else ""
+            print(_scrub(f"[{event.elapsed:6.1f}s] done: {dur}{note}"), flush=True)
             print(path)
             return 0
     print("error: the job ended without a result", file=sys.stderr)

@@ -69,6 +69,9 @@ class Done:
     cost_usd: float | None = None
     # Something the user must be told about the bill (guard.Ticket.settle), else "".
     notice: str = ""
+    # What the user should know about the result, shown with "done" ("" when nothing), e.g.
+    # the Local preview found no face and animated the picture without a mouth.
+    note: str = ""
 
 
 @dataclass(frozen=True)

@@ -469,8 +469,10 @@ async def _follow(ctx: _Context) -> AsyncIterator[JobEvent]:
     metadata = {**completed.metadata, "model": handle.model, "tier": ctx.tier}
     money = {"video_seconds": duration, "cost_usd": cost} if cost is not None else {}
     ctx.finished = True
-    _update(ctx, status="completed", output_path=str(dest), metadata=_jsonable({**metadata, **money}))
-    yield Done(name, handle.request_id, dest, duration, metadata, ctx.elapsed(), cost_usd=cost)
+    note = getattr(completed, "note", "") or ""
+    _update(ctx, status="completed", output_path=str(dest), metadata=_jsonable({**metadata, **money}),
+            detail=note or None)
+    yield Done(name, handle.request_id, dest, duration, metadata, ctx.elapsed(), cost_usd=cost, note=note)
 
 
 def _real_cost(ctx: _Context, seconds: float | None) -> float | None:

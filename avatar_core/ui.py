@@ -347,7 +347,12 @@ class StatusBoard:
         elif isinstance(event, Done):
             self.finished = True
             self.headline = f"Done in {format_duration(event.elapsed)}"
+            note = getattr(event, "note", "")
+            if note and not getattr(event, "metadata", {}).get("face_found", True):
+                self.headline += ", but no face was found in the portrait"
             self._set_progress(1.0)
+            if note:
+                self.details.append(f"**{md_escape(note)}**")
             if event.duration_s:
                 self.details.append(f"Video length {event.duration_s:.1f} s.")
             if event.cost_usd is not None and self.cost is not None and self.cost.usd is not None \

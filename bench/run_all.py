@@ -1,6 +1,6 @@
 """Run every benchmark and print one table of the headline figures.
 
-    python bench/run_all.py              # about 6 minutes on 2 idle cores
+    python bench/run_all.py              # about 8 minutes on 2 idle cores
     python bench/run_all.py --quick      # smoke test of every script, about a minute
     python bench/run_all.py --only polling transfer
 
@@ -30,10 +30,11 @@ SCRIPTS = {
     "many_jobs": "bench_many_jobs.py",
     "transfer": "bench_transfer.py",
     "media": "bench_media.py",
+    "render_long": "bench_render_long.py",
     "startup": "bench_startup.py",
     "load": "bench_load.py",
 }
-QUICK_OK = {"polling", "many_jobs", "transfer", "startup"}  # bench_media has no quick mode
+QUICK_OK = {"polling", "many_jobs", "transfer", "startup", "render_long"}  # bench_media has no quick mode
 
 
 def main(argv=None) -> int:

@@ -72,13 +72,23 @@ def make_image(
     return path
 
 
-def make_portrait(path: str | os.PathLike, fmt: str = "JPEG", scale: float = 1.0) -> Path:
-    """The scikit-image astronaut photo (one real face, public domain), optionally scaled."""
+def make_portrait(path: str | os.PathLike, fmt: str = "JPEG", scale: float = 1.0,
+                  size: tuple[int, int] | None = None) -> Path:
+    """The scikit-image astronaut photo (one real face, public domain), optionally scaled.
+
+    With ``size`` the photo is fitted (aspect kept) onto a grey canvas of exactly that size,
+    so a test that needs a picture of given dimensions still has a face in it.
+    """
     from skimage import data
 
     img = Image.fromarray(data.astronaut())
     if scale != 1.0:
         img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.LANCZOS)
+    if size is not None:
+        fit = min(size[0] / img.width, size[1] / img.height)
+        photo = img.resize((max(1, round(img.width * fit)), max(1, round(img.height * fit))), Image.Resampling.LANCZOS)
+        img = Image.new("RGB", size, (128, 128, 128))
+        img.paste(photo, ((size[0] - photo.width) // 2, (size[1] - photo.height) // 2))
     img.save(path, fmt)
     return Path(path)
 

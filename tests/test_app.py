@@ -245,6 +245,29 @@ def test_a_hosted_provider_without_any_key_says_what_to_do(served):
     assert not served.emu.requests.to("POST", r"^/api/v3/kwaivgi/")  # nothing was submitted
 
 
+def test_a_portrait_without_a_face_is_refused_for_a_hosted_provider_before_any_request(served, corpus):
+    served.emu.requests.clear()
+    cat = handle_file(str(corpus.image("cat")))
+    statuses, (status, request_id, video) = _run(served, image=cat, provider="wavespeed", api_key=USER_WAVESPEED_KEY)
+    assert status.startswith("### The video could not be made"), status
+    assert "No face was found in the portrait" in status and "nothing was sent to WaveSpeed" in status
+    assert "one face looks at the camera" in status
+    assert video is None and not request_id
+    assert not any("Sending the image" in s or "Submitted" in s for s in statuses)
+    assert list(served.emu.requests) == []  # no upload, no submit: nothing reached the provider
+
+
+def test_the_local_preview_of_a_portrait_without_a_face_says_so_when_done(served, corpus):
+    cat = handle_file(str(corpus.image("cat")))
+    statuses, (status, request_id, video) = _run(served, image=cat, provider="local")
+    assert any("Rendering the preview" in s for s in statuses)
+    headline = status.splitlines()[0]
+    assert headline.startswith("### Done in") and headline.endswith(", but no face was found in the portrait")
+    assert "the mouth does not move" in status and "one face looks at the camera" in status
+    assert request_id and request_id in status
+    _assert_playable_mp4_as_long_as_the_audio(_video_path(video))
+
+
 def test_a_failed_job_shows_the_providers_reason(served):
     served.emu.plan_jobs(JobPlan(fail="Content blocked by the safety filter"))
     _statuses, (status, request_id, video) = _run(served, provider="wavespeed", api_key=USER_WAVESPEED_KEY)

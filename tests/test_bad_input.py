@@ -28,7 +28,8 @@ from avatar_core.emulator import Emulator, tone_video_maker
 from avatar_core.media import fetch as fetch_mod
 from avatar_core.media.inputs import LINK_ONLY_WEB
 from avatar_core.ui import Handlers
-from media_factory import LocalServer, make_image, make_png_bomb, make_silence, make_tone, make_video_with_audio
+from media_factory import (LocalServer, make_image, make_png_bomb, make_portrait, make_silence, make_tone,
+                           make_video_with_audio)
 from tests.helpers import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +47,7 @@ LONG_PROMPT = "a" * 10_000
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     d = tmp_path_factory.mktemp("good")
-    return make_image(d / "face.jpg", "JPEG", (480, 600)), make_tone(d / "voice.mp3", "mp3", 2.5)
+    return make_portrait(d / "face.jpg", "JPEG", size=(480, 600)), make_tone(d / "voice.mp3", "mp3", 2.5)
 
 
 @pytest.fixture(scope="module")

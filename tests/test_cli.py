@@ -11,7 +11,7 @@ import av
 import pytest
 
 from avatar_core.emulator import Emulator, Fault, tone_video_maker
-from tests.media_factory import make_image, make_tone
+from tests.media_factory import make_portrait, make_tone
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "cli-secret-key-789"
@@ -26,7 +26,7 @@ def emu():
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    return make_image(d / "face.jpg", "JPEG", (480, 600)), make_tone(d / "voice.mp3", "mp3", 2.2)
+    return make_portrait(d / "face.jpg", "JPEG", size=(480, 600)), make_tone(d / "voice.mp3", "mp3", 2.2)
 
 
 def run_cli(args, env_extra, tmp_path, timeout=120):

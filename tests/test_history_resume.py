@@ -20,7 +20,7 @@ from avatar_core.config import Secret, load_settings
 from avatar_core.emulator import Emulator, JobPlan, tone_video_maker
 from avatar_core.events import Done, Submitted
 from avatar_core.store import ALL_OWNERS, JobStore
-from tests.media_factory import make_image, make_tone
+from tests.media_factory import make_portrait, make_tone
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "history-key-321"
@@ -29,7 +29,7 @@ KEY = "history-key-321"
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("hist")
-    return make_image(d / "face.png", "PNG", (400, 500)), make_tone(d / "voice.wav", "wav", 2.0)
+    return make_portrait(d / "face.png", "PNG", size=(400, 500)), make_tone(d / "voice.wav", "wav", 2.0)
 
 
 def settings_for(emu, tmp_path, **kw):

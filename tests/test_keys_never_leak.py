@@ -35,7 +35,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 from avatar_core.emulator import Emulator, Fault, JobPlan, tone_video_maker
-from media_factory import make_image, make_tone
+from media_factory import make_portrait, make_tone
 from tests.helpers import free_port as _free_port, stop_process
 
 pytestmark = pytest.mark.slow
@@ -121,7 +121,7 @@ def failure_cases(provider: str, key: str) -> list[tuple[str, list[Fault], list[
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("keys-inputs")
-    return make_image(d / "face.jpg", "JPEG", (480, 600)), make_tone(d / "voice.mp3", "mp3", 2.2)
+    return make_portrait(d / "face.jpg", "JPEG", size=(480, 600)), make_tone(d / "voice.mp3", "mp3", 2.2)
 
 
 # ----------------------------------------------------------------------------- the app in its own process

@@ -24,7 +24,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 from avatar_core.emulator import Emulator, tone_video_maker
-from media_factory import make_image, make_tone
+from media_factory import make_portrait, make_tone
 from tests.helpers import free_port as _free_port, stop_process
 
 pytestmark = pytest.mark.slow
@@ -71,7 +71,7 @@ def _duration(path: Path) -> float:
 
 
 def test_fifty_visitors_at_once(tmp_path):
-    image = make_image(tmp_path / "face.jpg", "JPEG", (480, 600))
+    image = make_portrait(tmp_path / "face.jpg", "JPEG", size=(480, 600))
     # Visitor i speaks for 2.0 + 0.1 * i seconds: 2.0 .. 6.9 s, all different.
     lengths = [round(2.0 + 0.1 * i, 1) for i in range(VISITORS)]
     voices = [make_tone(tmp_path / f"voice-{i:02d}.wav", "wav", s) for i, s in enumerate(lengths)]

@@ -100,13 +100,35 @@ def test_prepare_inputs_estimates_the_cost_from_the_audio(server, settings, tmp_
 
 
 def test_prepare_inputs_warnings_gather_both_sides(tmp_path, settings):
+    # A picture without a face is refused for hosted providers (test below), so the image
+    # side's warning comes through the Local preview, which animates it anyway.
+    flat = mf.make_image(tmp_path / "flat.png", "PNG", (500, 500))
+    voice = mf.make_speechlike(tmp_path / "v.wav", "wav", lead_s=2.0, speech_s=3.0, tail_s=1.0)
+    got = prepare_inputs(flat, voice, provider="local", tier="standard", settings=settings)
+    assert not got.image.faces
+    assert any("No face was found" in w for w in got.warnings)
+    assert any("silence at its start/end" in w for w in got.warnings)
+    priced = prepare_inputs(mf.make_portrait(tmp_path / "face.jpg"), mf.make_tone(tmp_path / "t.wav", "wav", 3.0),
+                            provider="kling", tier="pro", settings=settings)
+    assert priced.cost.usd is None
+    assert any("price of this job is not known" in w for w in priced.warnings)
+    assert priced.audio.format == "mp3"
+
+
+@pytest.mark.parametrize("provider", ["wavespeed", "segmind", "fal", "replicate", "kling"])
+def test_prepare_inputs_refuses_a_portrait_without_a_face_for_hosted_providers(tmp_path, settings, provider):
+    from avatar_core.providers import LABELS
+
     flat = mf.make_image(tmp_path / "flat.png", "PNG", (500, 500))
     voice = mf.make_tone(tmp_path / "v.wav", "wav", 3.0)
-    got = prepare_inputs(flat, voice, provider="kling", tier="pro", settings=settings)
-    assert got.cost.usd is None
-    assert any("No face was found" in w for w in got.warnings)
-    assert any("price of this job is not known" in w for w in got.warnings)
-    assert got.audio.format == "mp3"
+    with pytest.raises(InputError) as caught:
+        prepare_inputs(flat, voice, provider=provider, tier="standard", settings=settings)
+    message = caught.value.message
+    assert message.startswith("No face was found in the portrait")
+    assert f"nothing was sent to {LABELS[provider]}" in message and "one face looks at the camera" in message
+    # Refused at the image: the voice track was not even converted.
+    work = settings.output_dir / "inputs"
+    assert list(work.glob("image-*")) and not list(work.glob("audio-*"))
 
 
 def test_prepare_inputs_refuses_unknown_choices_before_any_work(tmp_path, settings):

@@ -19,7 +19,7 @@ import av
 import pytest
 
 from avatar_core.emulator import Emulator, tone_video_maker
-from tests.media_factory import make_image, make_tone
+from tests.media_factory import make_portrait, make_tone
 from tests.helpers import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def emu():
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli-new")
-    return make_image(d / "face.jpg", "JPEG", (480, 600)), make_tone(d / "voice.mp3", "mp3", AUDIO_S)
+    return make_portrait(d / "face.jpg", "JPEG", size=(480, 600)), make_tone(d / "voice.mp3", "mp3", AUDIO_S)
 
 
 def emu_env(emu) -> dict[str, str]:

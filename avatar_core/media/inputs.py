@@ -28,6 +28,9 @@ A URL that passes the checks is kept as ``source_url``; when ``passthrough_ok`` 
 what the URL serves needed no rotation, conversion, trimming or downscaling (the file
 we wrote holds the same picture or sound), so a hosted provider can be given the
 original URL instead of an upload.
+
+A portrait with no face is refused by :func:`prepare_inputs` for every hosted provider
+(before anything is uploaded or submitted); the Local preview takes it and says so when done.
 """
 
 from __future__ import annotations
@@ -292,12 +295,23 @@ def _check_image_file(path: Path, url: str | None, settings: Settings) -> ImageC
     )
 
 
+def no_face_refusal(provider: str) -> str:
+    """Why a hosted job was refused for a portrait without a face, and what to do."""
+    return (
+        f"No face was found in the portrait, so nothing was sent to {_provider_name(provider)} and nothing was paid. "
+        "The avatar needs one clear face: choose a well-lit photo where one face looks at the camera "
+        "(not covered, turned away or too small). The Local preview can still animate this picture, for free."
+    )
+
+
 def face_warnings(faces: list[FaceBox], size: tuple[int, int]) -> list[str]:
     """User-facing warnings about the faces found (none, several, very small)."""
     if not faces:
         return [
             "No face was found in the image. The avatar needs one clear face looking at the camera: "
-            "use a well-lit portrait where the face is not covered or turned away."
+            "use a well-lit portrait where the face is not covered or turned away. "
+            "Hosted providers are not sent a picture without a face; the Local preview animates it "
+            "without moving the mouth."
         ]
     out: list[str] = []
     if len(faces) > 1:
@@ -470,6 +484,10 @@ def prepare_inputs(
     version = version or default_version(provider)
     model_id(provider, tier, version)  # InputError for an unknown provider/tier/version
     img = check_image(image_source, settings=settings, resolver=resolver, transport=transport)
+    if not img.faces and provider != "local":
+        # Before the audio is even looked at: nothing is uploaded or paid for a picture a
+        # hosted model would refuse or animate badly. The Local preview animates it anyway.
+        raise InputError(no_face_refusal(provider))
     aud = check_audio(
         audio_source,
         provider=provider,

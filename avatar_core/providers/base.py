@@ -119,6 +119,7 @@ class Processing:
 class Completed:
     video_url: str
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    note: str = ""  # anything the user should know about the result, in words ("" when nothing)
 
 
 @dataclass(frozen=True)

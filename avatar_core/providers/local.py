@@ -292,4 +292,5 @@ def _completed(job: _Job) -> Completed:
             "note": r.note,
             "renderer": RENDERER,
         },
+        note=r.note,
     )

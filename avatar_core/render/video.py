@@ -49,7 +49,10 @@ PROGRESS_STEP = 0.01
 # Share of the progress bar spent measuring the voice's loudness before the first frame.
 AUDIO_PROGRESS = 0.05
 
-NO_FACE_NOTE = "No face found: animated gently without a mouth."
+NO_FACE_NOTE = (
+    "No face was found in the portrait, so the mouth does not move: the picture was animated with a slow "
+    "zoom and a pulse with the voice instead. For lip movement, choose a photo where one face looks at the camera."
+)
 FACE_NOTE = ""  # nothing to tell the user when a face was found
 
 
