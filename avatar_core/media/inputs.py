@@ -203,6 +203,7 @@ def check_image(
         and loaded.original_format in ("JPEG", "PNG")
         and loaded.original_mode in ("RGB", "L")
         and not loaded.rotated
+        and not loaded.reduced
         and not encoded.downscaled
         and loaded.original_bytes <= _image.MAX_OUTPUT_BYTES
     )
