@@ -22,9 +22,12 @@ RATE = 48_000
 _DURATION_ID = b"\x44\x89"  # Matroska Segment Info > Duration (float, in TimestampScale units = ms)
 
 
-def _opus_packets(seconds: float, bit_rate: int) -> list[tuple[int, bytes]]:
-    """(pts in samples, payload) of ``seconds`` of a modulated tone, as Opus packets."""
-    n = int(seconds * RATE)
+_OPUS_FRAME = 960  # 20 ms at 48 kHz: one Opus packet each
+
+
+def _opus_packets(seconds: float, bit_rate: int) -> tuple[list[bytes], bytes]:
+    """(payloads of 20 ms each, codec extradata) for ``seconds`` of a modulated tone as Opus."""
+    n = int(seconds * RATE) // _OPUS_FRAME * _OPUS_FRAME
     t = np.arange(n) / RATE
     pcm = (0.4 * np.sin(2 * np.pi * 220 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)) * 32767).astype(np.int16)
     ctx = av.CodecContext.create("libopus", "w")
@@ -32,35 +35,31 @@ def _opus_packets(seconds: float, bit_rate: int) -> list[tuple[int, bytes]]:
     ctx.bit_rate = bit_rate
     ctx.time_base = Fraction(1, RATE)
     ctx.open()
-    out: list[tuple[int, bytes]] = []
-    step = 960
-    for i in range(0, n - step + 1, step):
-        frame = av.AudioFrame.from_ndarray(pcm[i : i + step].reshape(1, -1), format="s16", layout="mono")
+    out: list[bytes] = []
+    for i in range(0, n, _OPUS_FRAME):
+        frame = av.AudioFrame.from_ndarray(pcm[i : i + _OPUS_FRAME].reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate, frame.pts, frame.time_base = RATE, i, Fraction(1, RATE)
-        out += [(i, bytes(p)) for p in ctx.encode(frame)]
-    out += [(n, bytes(p)) for p in ctx.encode(None)]
-    return [(pts, data) for pts, data in out if data], ctx.extradata
+        out += [bytes(p) for p in ctx.encode(frame)]
+    out += [bytes(p) for p in ctx.encode(None)]
+    return [data for data in out if data], ctx.extradata
 
 
 def lying_webm(path: str | Path, *, hold_s: float = 3600.0, claim_s: float = 5.0, bit_rate: int = 6000) -> Path:
     """A WebM whose header says ``claim_s`` seconds while it holds ``hold_s`` seconds of Opus."""
     path = Path(path)
-    block_s = 10.0
-    packets, extradata = _opus_packets(block_s, bit_rate)
-    block = int(block_s * RATE)
+    packets, extradata = _opus_packets(min(10.0, hold_s), bit_rate)
+    total = int(hold_s * RATE) // _OPUS_FRAME
     with av.open(str(path), "w", format="webm") as out:
         stream = out.add_stream("libopus", rate=RATE, layout="mono")
         stream.codec_context.extradata = extradata
         stream.time_base = Fraction(1, RATE)
-        repeats = int(np.ceil(hold_s / block_s))
-        for r in range(repeats):
-            for pts, data in packets:
-                packet = av.Packet(data)
-                packet.stream = stream
-                packet.pts = packet.dts = r * block + pts
-                packet.time_base = Fraction(1, RATE)
-                packet.duration = 960
-                out.mux(packet)
+        for k in range(total):  # the same 10 s again and again, each packet 20 ms after the last
+            packet = av.Packet(packets[k % len(packets)])
+            packet.stream = stream
+            packet.pts = packet.dts = k * _OPUS_FRAME
+            packet.time_base = Fraction(1, RATE)
+            packet.duration = _OPUS_FRAME
+            out.mux(packet)
     raw = bytearray(path.read_bytes())
     at = raw.find(_DURATION_ID)
     assert at > 0, "the muxer wrote no Duration element"

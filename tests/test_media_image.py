@@ -247,3 +247,21 @@ def test_12_megapixel_jpeg_is_checked_quickly(tmp_path, settings):
 def test_same_input_reuses_the_same_output_file(tmp_path, settings):
     src = mf.make_image(tmp_path / "a.jpg", "JPEG", (400, 400))
     assert check_image(src, settings=settings).path == check_image(src, settings=settings).path
+
+
+def test_a_heic_over_the_pixel_limit_is_refused_before_it_is_decoded(tmp_path, settings, monkeypatch):
+    from pillow_heif import as_plugin
+
+    from tests.corpus import heic
+
+    src = heic(tmp_path / "portrait.heic")
+    with Image.open(src) as im:
+        size = im.size
+    monkeypatch.setattr(image_mod, "MAX_PIXELS", size[0] * size[1] - 1)
+
+    def no_decoding(self):
+        raise AssertionError("the HEIC was decoded")
+
+    monkeypatch.setattr(as_plugin._LibHeifImageFile, "load", no_decoding)
+    with pytest.raises(InputError, match=rf"portrait.heic claims to be far too large \({size[0]} x {size[1]} px"):
+        check_image(src, settings=settings)
