@@ -66,7 +66,8 @@ def build_demo(settings: Settings | None = None, *, store=None, host: str | None
     provider_choices, default_provider = ui.provider_dropdown(settings, h.server_keys_open)
     version_choices, default_version = ui.version_dropdown(default_provider)
 
-    with gr.Blocks(title="Talking Avatar — Kling AI Avatar") as demo:
+    # Gradio's upload cache is emptied of files older than the retention age (AVATAR_RETENTION_DAYS).
+    with gr.Blocks(title="Talking Avatar — Kling AI Avatar", delete_cache=ui.cache_retention(settings)) as demo:
         gr.Markdown(
             "# Talking Avatar\n"
             "Turn a portrait and a voice recording into a talking-head video with Kling AI Avatar "
@@ -88,7 +89,10 @@ def build_demo(settings: Settings | None = None, *, store=None, host: str | None
                         with gr.Group():
                             image = ui.hand_refused_uploads_to_checks(gr.Image(
                                 label="1 · Portrait", type="filepath", sources=["upload", "clipboard"], height=300,
-                                elem_id="image-input",
+                                # None: the upload is handed on as sent. Gradio's default "RGB"
+                                # re-saves it through Pillow, which turns a 16-bit grey scan
+                                # white; our checks convert every mode themselves.
+                                image_mode=None, elem_id="image-input",
                             ))
                             image_url = gr.Textbox(
                                 label="…or a link to the portrait", value="", placeholder="https://…",

@@ -360,7 +360,18 @@ class Guard:
 
     # -- the rules, in the order a visitor is told about them
 
-    def _check_server_key_use(self, label: str, cost_usd: float | None, logged_in: bool) -> None:
+    def check_resume(self, provider: str, *, uses_server_key: bool, logged_in: bool) -> None:
+        """May this visitor resume a job on the server's key? Raise :class:`LimitReached` if not.
+
+        The same rule as a new job's first one (rule 1: signed in, or anonymous use allowed).
+        A resume submits nothing, so it neither counts toward the daily limits nor spends.
+        Which jobs may be resumed on the server's key (only the visitor's own) is the
+        caller's check: this module never sees the job history.
+        """
+        if uses_server_key and provider != LOCAL and self.settings.has_key(provider):
+            self._check_anonymous(_provider_label(provider), logged_in)
+
+    def _check_anonymous(self, label: str, logged_in: bool) -> None:
         if not logged_in and not self.anonymous_may_use_server_keys:
             if auth_credentials(self.settings):
                 raise LimitReached(
@@ -370,6 +381,9 @@ class Guard:
             raise LimitReached(
                 f"This server's keys are not open to visitors here. Enter your own {label} API key to continue."
             )
+
+    def _check_server_key_use(self, label: str, cost_usd: float | None, logged_in: bool) -> None:
+        self._check_anonymous(label, logged_in)
         cap = self.settings.daily_spend_cap_usd
         if cap is not None and cap <= 0:
             raise LimitReached(

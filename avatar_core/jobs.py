@@ -202,12 +202,13 @@ async def resume(
     settings = settings or load_settings()
     request_id = (request_id or "").strip()
     record = _store_call(store, "get", provider, request_id) if store is not None and request_id else None
-    if record is not None and owner is not None and getattr(record, "owner", None) not in (None, owner):
-        # Someone else's job: behave as if it were not in the store at all.
-        record = None
     try:
         if not request_id or not re.fullmatch(r"[A-Za-z0-9._:\-]{1,200}", request_id):
             raise InputError("Enter the request id exactly as the provider gave it (letters, digits, - _ . :).")
+        if record is not None and owner is not None and getattr(record, "owner", None) != owner:
+            # Another visitor's job, or the CLI's (no owner): not theirs to poll, download or
+            # write to. (Callers without an owner, the CLI, may resume any job.)
+            raise InputError("That job was started by someone else using this app; only they can resume it here.")
         provider_obj = client or make_provider(provider, settings, api_key=api_key, transport=transport)
     except AvatarError as exc:
         yield _failed_event(exc, provider, request_id or None, 0.0)
@@ -514,16 +515,106 @@ async def _download(ctx: _Context, url: str, dest: Path) -> AsyncIterator[JobEve
             await _wait(ctx, _backoff(ctx, attempt, exc))
 
 
+# Said for every refused hop, whatever the address was: the reply must tell an outsider
+# nothing about what lives on this server's network (or whether a name resolved).
+REFUSED_VIDEO_HOST = (
+    "{label}'s video link leads to an address this app does not download from (a local or private "
+    "network address, or one that cannot be looked up), so nothing was downloaded. If that is wrong, "
+    "report it to {label}; resuming later with request id {rid} tries the link again."
+)
+
+
+def provider_endpoints(settings: Settings) -> frozenset[tuple[str, int]]:
+    """(host, port) of every provider address the operator configured: trusted for the
+    finished-video download even on a private address (a self-hosted gateway, the emulator)."""
+    from .config import _URLS
+    from .media.fetch import endpoint
+
+    out = set()
+    for attr, _default in _URLS.values():
+        try:
+            url = httpx.URL(getattr(settings, attr))
+        except (httpx.InvalidURL, ValueError):
+            continue
+        if url.host:
+            out.add(endpoint(url))
+    return frozenset(out)
+
+
+async def _check_hop(ctx: _Context, url: httpx.URL, trusted: frozenset) -> None:
+    """Refuse a hop to a local/private address (unless it is a configured provider endpoint)."""
+    from .media.fetch import check_host, endpoint, system_resolver
+
+    rid = ctx.handle.request_id
+    refused = ResultInvalid(REFUSED_VIDEO_HOST.format(label=ctx.label, rid=rid), provider=ctx.provider.name,
+                            request_id=rid)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ResultInvalid(f"{ctx.label} returned an unusable video link ({url.scheme or 'no scheme'}).",
+                            provider=ctx.provider.name, request_id=rid)
+    if endpoint(url) in trusted:
+        return
+    host, port = endpoint(url)
+    try:
+        await asyncio.to_thread(check_host, host, port, allow_private=ctx.settings.allow_private_urls,
+                                resolver=system_resolver)
+    except InputError:
+        log.warning("refused a video link hop of job %s: not a public address", rid)
+        raise refused from None
+
+
+async def _open_video(ctx: _Context, client: httpx.AsyncClient, url: str, trusted: frozenset) -> httpx.Response:
+    """GET the video, following redirects by hand with every hop checked; a streamed response."""
+    from .media.fetch import MAX_REDIRECTS
+
+    name, rid = ctx.provider.name, ctx.handle.request_id
+    current = httpx.URL(url)
+    for _hop in range(MAX_REDIRECTS + 1):
+        await _check_hop(ctx, current, trusted)
+        try:
+            response = await client.send(client.build_request("GET", current), stream=True)
+        except httpx.TransportError as exc:
+            if isinstance(exc.__context__, InputError):  # the connect-time check (DNS changed since)
+                log.warning("refused a video link hop of job %s at connect", rid)
+                raise ResultInvalid(REFUSED_VIDEO_HOST.format(label=ctx.label, rid=rid), provider=name,
+                                    request_id=rid) from None
+            raise
+        except InputError:
+            log.warning("refused a video link hop of job %s at connect", rid)
+            raise ResultInvalid(REFUSED_VIDEO_HOST.format(label=ctx.label, rid=rid), provider=name,
+                                request_id=rid) from None
+        if not response.is_redirect:
+            return response
+        location = response.headers.get("location")
+        await response.aclose()
+        if not location:
+            raise ResultInvalid(f"{ctx.label}'s video link redirects nowhere.", provider=name, request_id=rid)
+        try:
+            current = current.join(location)
+        except (httpx.InvalidURL, ValueError):
+            raise ResultInvalid(f"{ctx.label}'s video link redirects to an invalid address.", provider=name,
+                                request_id=rid) from None
+    raise ResultInvalid(f"{ctx.label}'s video link redirects more than {MAX_REDIRECTS} times.", provider=name,
+                        request_id=rid)
+
+
 async def _download_once(ctx: _Context, url: str, dest: Path) -> AsyncIterator[JobEvent]:
+    from .media.fetch import async_checked_transport
+
     handle = ctx.handle
     name, rid = ctx.provider.name, handle.request_id
     cap = ctx.settings.max_video_bytes
     part = dest.with_name(dest.name + ".part")
+    trusted = provider_endpoints(ctx.settings)
+    # The same address rules as input links, at every redirect hop, checked again at connect
+    # time (DNS rebinding); the configured provider endpoints stay trusted.
+    transport = ctx.transport or async_checked_transport(
+        allow_private=ctx.settings.allow_private_urls, trusted=trusted, verify=shared_ssl_context())
     # A separate client with no provider headers: the video host never sees the API key.
-    async with httpx.AsyncClient(transport=ctx.transport, timeout=httpx.Timeout(60.0, connect=10.0),
-                                 follow_redirects=True, verify=shared_ssl_context()) as client:
+    async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(60.0, connect=10.0),
+                                 follow_redirects=False, trust_env=False) as client:
         try:
-            async with client.stream("GET", url) as response:
+            response = await _open_video(ctx, client, url, trusted)
+            try:
                 if response.status_code in (401, 403, 404, 410):
                     raise ResultExpired(
                         f"{ctx.label} no longer serves the finished video (HTTP {response.status_code}); "
@@ -570,6 +661,8 @@ async def _download_once(ctx: _Context, url: str, dest: Path) -> AsyncIterator[J
                             yield Downloading(name, rid, received, total, ctx.elapsed())
                 if total and received != total:
                     raise TransientError("the download ended early", provider=name, request_id=rid)
+            finally:
+                await response.aclose()
             part.replace(dest)
             yield Downloading(name, rid, received, total or received, ctx.elapsed())
         except httpx.TransportError as exc:

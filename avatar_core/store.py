@@ -421,6 +421,12 @@ class JobStore:
             ).fetchall()
         return [_record(r) for r in rows]
 
+    def output_paths(self) -> set[str]:
+        """Every output file the history refers to (every owner's, running jobs' included)."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT output_path FROM jobs WHERE output_path IS NOT NULL").fetchall()
+        return {r[0] for r in rows}
+
     def typical_duration(self, provider: str, tier: str, *, limit: int = TYPICAL_DURATION_SAMPLE) -> float | None:
         """Median seconds from submit to completion over the last ``limit`` completed jobs.
 

@@ -839,32 +839,101 @@ class RunningJobs:
 # ----------------------------------------------------------------------------- upkeep
 
 
-def apply_retention(store: Any, settings: Settings) -> int:
-    """Delete old finished videos per the retention settings; returns how many went.
+# The folders under the output folder the app writes besides the history's videos:
+# normalised inputs and link downloads (up to 100 MB each, refused jobs' too), local
+# renders that never became a video, and the videos folder's leftovers (.part files of
+# broken downloads, files no history row names).
+SWEPT_FOLDERS = ("inputs", "work", "videos")
+# How often Gradio looks for old files in its upload cache (at most): hourly.
+CACHE_SWEEP_EVERY_S = 3600
 
-    Rows stay (the history keeps its story); a running job's files are never touched
-    (see ``JobStore.cleanup``).
+
+def apply_retention(store: Any, settings: Settings, *, now: float | None = None) -> int:
+    """Delete what the retention settings say is old; returns how many files went.
+
+    Videos of the history: per ``JobStore.cleanup`` (older than AVATAR_RETENTION_DAYS
+    after the job finished, then oldest first past AVATAR_RETENTION_MAX_MB); rows stay
+    and a running job's files are never touched. Every other file the app writes under
+    the output folder (:data:`SWEPT_FOLDERS`) goes once it is older than
+    AVATAR_RETENTION_DAYS (by modification time), except a file the history still names.
+    Gradio's upload cache is swept by Gradio itself on the same age (:func:`cache_retention`).
     """
-    if store is None or (settings.retention_days is None and settings.retention_max_mb is None):
+    removed = 0
+    if store is not None and not (settings.retention_days is None and settings.retention_max_mb is None):
+        try:
+            cleaned = store.cleanup(
+                max_age_s=None if settings.retention_days is None else settings.retention_days * 86400.0,
+                max_total_bytes=None if settings.retention_max_mb is None else settings.retention_max_mb * 1024 * 1024,
+            )
+        except Exception:  # noqa: BLE001 - upkeep must never stop the app
+            log.exception("retention cleanup failed")
+            cleaned = []
+        if cleaned:
+            log.info("retention: deleted %d old video(s) from %s", len(cleaned), settings.output_dir)
+        removed += len(cleaned)
+    return removed + sweep_old_files(store, settings, now=now)
+
+
+def sweep_old_files(store: Any, settings: Settings, *, now: float | None = None) -> int:
+    """Remove files older than AVATAR_RETENTION_DAYS from :data:`SWEPT_FOLDERS`; returns how many.
+
+    A file the job history names (a finished video, a running job's) is left to the
+    history's own rules. Without a history (store None), nothing names a video, so the
+    videos folder is swept by age like the rest. Nothing outside these folders is
+    touched (the history file and the visitor secret live beside them).
+    """
+    if settings.retention_days is None:
         return 0
-    try:
-        removed = store.cleanup(
-            max_age_s=None if settings.retention_days is None else settings.retention_days * 86400.0,
-            max_total_bytes=None if settings.retention_max_mb is None else settings.retention_max_mb * 1024 * 1024,
-        )
-    except Exception:  # noqa: BLE001 - upkeep must never stop the app
-        log.exception("retention cleanup failed")
-        return 0
+    cutoff = (time.time() if now is None else now) - settings.retention_days * 86400.0
+    keep: set[str] = set()
+    if store is not None:
+        try:
+            keep = {str(Path(p).resolve()) for p in store.output_paths()}
+        except Exception:  # noqa: BLE001 - without knowing what the history needs, keep every video
+            log.exception("retention: could not read the history; the videos folder is left alone")
+            keep = None  # type: ignore[assignment]
+    root = Path(settings.output_dir)
+    removed = 0
+    for folder in SWEPT_FOLDERS:
+        if folder == "videos" and keep is None:
+            continue
+        base = root / folder
+        if not base.is_dir() or base.is_symlink():
+            continue
+        for path in base.rglob("*"):
+            try:
+                if path.is_symlink() or not path.is_file():
+                    continue
+                if folder == "videos" and str(path.resolve()) in keep:
+                    continue
+                if path.stat().st_mtime >= cutoff:
+                    continue
+                path.unlink()
+                removed += 1
+            except OSError as exc:
+                log.warning("retention: could not delete %s: %s", path.name, exc)
     if removed:
-        log.info("retention: deleted %d old video(s) from %s", len(removed), settings.output_dir)
-    return len(removed)
+        log.info("retention: deleted %d file(s) older than %d days under %s", removed, settings.retention_days,
+                 root)
+    return removed
+
+
+def cache_retention(settings: Settings) -> tuple[int, int] | None:
+    """``gr.Blocks(delete_cache=...)``: (how often, age) in seconds for Gradio's upload cache.
+
+    The same age as everything else (AVATAR_RETENTION_DAYS); None (never) when unlimited.
+    """
+    if settings.retention_days is None:
+        return None
+    age = int(settings.retention_days * 86400)
+    return min(CACHE_SWEEP_EVERY_S, age), age
 
 
 def startup_upkeep(store: Any, settings: Settings) -> str:
     """At start-up: apply retention and say which jobs are still unfinished (for the log)."""
+    apply_retention(store, settings)
     if store is None:
         return "job history unavailable: jobs will run but not be kept"
-    apply_retention(store, settings)
     try:
         from .store import ALL_OWNERS
 
@@ -912,6 +981,13 @@ async def _closeable_in_thread(fn, *args, **kwargs):
 
         task.add_done_callback(close_result)
         raise
+
+
+SOMEONE_ELSES_JOB = "That job was started by someone else using this app; only they can resume it here."
+NOT_YOUR_JOB_ON_SERVER_KEY = (
+    "This server's key only collects jobs this app started for you, and your history has no job with that "
+    "request id. For a job started elsewhere, enter the {label} API key of the account that made it."
+)
 
 
 class Handlers:
@@ -1225,11 +1301,13 @@ class Handlers:
         board = StatusBoard(provider=provider or "wavespeed", tier=getattr(record, "tier", None) or "standard",
                             version=getattr(record, "version", None) or default_version(provider or "wavespeed"))
         owner = owner_for(request, visitor)
-        inner = self._resume(board, provider, request_id, (api_key or "").strip() or None, owner, record)
+        inner = self._resume(board, provider, request_id, (api_key or "").strip() or None, owner, record,
+                             bool(getattr(request, "username", None)))
         async for frame in self._keep_keys_out(api_key, board, inner, 3):
             yield frame
 
-    async def _resume(self, board, provider, request_id, key, owner, record):
+    async def _resume(self, board, provider, request_id, key, owner, record, logged_in=False):
+        from .guard import LimitReached
         from .jobs import resume as resume_job
 
         board.request_id = request_id or None
@@ -1241,9 +1319,10 @@ class Handlers:
         if provider not in hosted:
             yield board.failed(f"Pick the provider the job was sent to ({', '.join(hosted)})."), request_id, None
             return
-        if record is not None and record.owner is not None and record.owner != owner:
-            yield board.failed("That job was started by someone else using this app; only they can resume it "
-                               "here."), request_id, None
+        # A job in the history is resumed only by its owner: another visitor's, and the CLI's
+        # (no owner), are not handed to whoever knows the id, whatever key they bring.
+        if record is not None and record.owner != owner:
+            yield board.failed(SOMEONE_ELSES_JOB), request_id, None
             return
         if record is not None and record.status == "completed" and has_video(record):
             board.finished = True
@@ -1254,6 +1333,18 @@ class Handlers:
             yield board.message("Still running here", "This app is already following that job; its video will "
                                 "appear in the History tab when it is done."), request_id, None
             return
+        if key is None and self.settings.has_key(provider):
+            # Polling and downloading on the server's key: the same gate as Generate, and only
+            # for a job this app submitted for this visitor (never one it learns of by its id).
+            try:
+                await asyncio.to_thread(self.guard.check_resume, provider, uses_server_key=True,
+                                        logged_in=logged_in)
+            except LimitReached as exc:
+                yield board.failed(exc.message), request_id, None
+                return
+            if record is None:
+                yield board.failed(NOT_YOUR_JOB_ON_SERVER_KEY.format(label=board.label)), request_id, None
+                return
         yield board.message(f"Asking {board.label} about job `{md_escape(request_id)}`…"), request_id, None
         # Detached like a new job: closing the page must not cancel a paid job at the provider.
         job = self.running.start(resume_job(provider, request_id, tier=board.tier, settings=self.settings,

@@ -92,8 +92,9 @@ def served(tmp_path_factory):
 def _run(served: Served, **params):
     """Submit /generate and collect every streamed status until it ends -> (statuses, result)."""
     job = served.client.submit(
-        image=handle_file(str(IMAGE)), audio=handle_file(str(AUDIO)), api_name="/generate",
-        **{"tier": "standard", "prompt": "", "api_key": "", **params},
+        api_name="/generate",
+        **{"image": handle_file(str(IMAGE)), "audio": handle_file(str(AUDIO)),
+           "tier": "standard", "prompt": "", "api_key": "", **params},
     )
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not job.done():
@@ -151,6 +152,25 @@ def test_local_preview_end_to_end(served):
     assert any("Rendering the preview" in s for s in statuses)
     assert "Done in" in status and request_id and request_id in status
     _assert_playable_mp4_as_long_as_the_audio(_video_path(video))
+
+
+def test_a_16_bit_grey_scan_uploaded_to_the_app_stays_grey(served, corpus):
+    """A 16-bit greyscale PNG (a scanned photo) sent as an upload is not turned white on the
+    way in: the portrait input hands the file on as it is (image_mode=None), and the checks
+    and the renderer scale it to 8 bits."""
+    import numpy as np
+    from PIL import Image
+
+    source = corpus.image("png16_gray")
+    with Image.open(source) as im:
+        assert im.mode == "I;16"
+        expected = float((np.asarray(im, dtype=np.uint16) >> 8).mean())
+    _statuses, (status, _request_id, video) = _run(served, provider="local", image=handle_file(str(source)))
+    assert "Done in" in status, status
+    with av.open(str(_video_path(video))) as c:
+        first = next(c.decode(video=0)).to_ndarray(format="rgb24").astype(np.float32)
+    assert abs(first.mean() - expected) < 6, (first.mean(), expected)
+    assert first.std() > 20  # a face, not a flat grey or white frame
 
 
 def test_wavespeed_with_the_users_own_key(served):

@@ -162,3 +162,90 @@ def test_on_loopback_the_servers_key_just_works(tmp_path, emu):
         assert "Done in" in status and video
     finally:
         demo.close()
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+def _remote_job(emu) -> str:
+    """A job at the provider, finished there (as one submitted earlier would be)."""
+    import base64
+
+    image = base64.b64encode(IMAGE.read_bytes()).decode()
+    audio = base64.b64encode(AUDIO.read_bytes()).decode()
+    job = emu.create_job("wavespeed", "kwaivgi/kling-v1-ai-avatar-standard", "standard",
+                         {"image": f"data:image/jpeg;base64,{image}", "audio": f"data:audio/mpeg;base64,{audio}"})
+    emu.wait_for_job(job, 10)
+    return job.id
+
+
+def _row(store, rid: str, owner: str | None):
+    return store.record_submitted(provider="wavespeed", request_id=rid, model=None, tier="standard",
+                                  version="v1", prompt="", image_name=None, audio_name=None, audio_seconds=None,
+                                  estimated_cost_usd=None, owner=owner)
+
+
+def _polls(emu, rid: str) -> list:
+    return emu.requests.to(None, rf"/predictions/{rid}|/emulator/outputs/{rid}/")
+
+
+def _history_ids(client) -> set[str]:
+    return {j["request_id"] for j in client.predict(api_name="/history")}
+
+
+def _refused_without_a_trace(client, emu, store, rid, key, words):
+    before, history = store.get("wavespeed", rid), client.predict(api_name="/history")
+    status, _, video = client.predict("wavespeed", rid, key, api_name="/resume")
+    assert words in status and video is None, status
+    assert _polls(emu, rid) == [], "nothing may be asked of the provider"
+    assert store.get("wavespeed", rid) == before  # the row (owner, status, history) is untouched
+    assert client.predict(api_name="/history") == history  # nothing claimed into the visitor's history
+
+
+def test_on_a_public_address_resume_uses_the_servers_key_only_for_the_visitors_own_jobs(tmp_path, emu):
+    """Anonymous use of the server's keys allowed by the owner: still only the visitor's own jobs."""
+    from avatar_core.store import JobStore
+
+    emu.reset()
+    demo, url = _deploy(tmp_path, emu, "0.0.0.0", AVATAR_ALLOW_ANONYMOUS_SERVER_KEYS="true")
+    try:
+        visitor = Client(url, verbose=False)
+        store = JobStore(tmp_path / "jobs.sqlite3")
+        cli_job, others_job, unknown_job, own_job = (_remote_job(emu) for _ in range(4))
+        _row(store, cli_job, None)  # started with `python -m avatar_core generate` on the server
+        _row(store, others_job, "session:someone-else-entirely")
+        _row(store, own_job, f"session:{visitor.session_hash}")
+        emu.requests.clear()
+
+        _refused_without_a_trace(visitor, emu, store, cli_job, "", "started by someone else")
+        _refused_without_a_trace(visitor, emu, store, cli_job, USER_KEY, "started by someone else")
+        _refused_without_a_trace(visitor, emu, store, others_job, "", "started by someone else")
+        _refused_without_a_trace(visitor, emu, store, unknown_job, "",
+                                 "This server's key only collects jobs this app started for you")
+        assert store.get("wavespeed", unknown_job) is None  # not claimed into anyone's history
+
+        status, rid, video = visitor.predict("wavespeed", own_job, "", api_name="/resume")
+        assert "Done in" in status and video and rid == own_job, status
+        polls = emu.requests.to("GET", rf"/api/v3/predictions/{own_job}/result$")
+        assert polls and all(p.header("authorization") == f"Bearer {SERVER_KEY}" for p in polls)
+        assert store.get("wavespeed", own_job).status == "completed" and own_job in _history_ids(visitor)
+    finally:
+        demo.close()
+
+
+def test_on_a_public_address_anonymous_resume_follows_the_same_gate_as_generate(public):
+    from avatar_core.store import JobStore
+
+    visitor = Client(public.url, verbose=False)
+    store = JobStore(public.out_dir / "jobs.sqlite3")
+    own_job = _remote_job(public.emu)
+    _row(store, own_job, f"session:{visitor.session_hash}")
+    public.emu.requests.clear()
+    # Their own job, but the server's key is not open to anonymous visitors here.
+    _refused_without_a_trace(visitor, public.emu, store, own_job, "",
+                             "This server's keys are not open to visitors here. Enter your own WaveSpeed API key")
+    # With their own key it resumes, on their key only.
+    status, _, video = visitor.predict("wavespeed", own_job, USER_KEY, api_name="/resume")
+    assert "Done in" in status and video, status
+    polls = public.emu.requests.to("GET", rf"/api/v3/predictions/{own_job}/result$")
+    assert polls and all(p.header("authorization") == f"Bearer {USER_KEY}" for p in polls)

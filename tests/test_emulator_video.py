@@ -29,6 +29,19 @@ def audio_seconds(path) -> float:
         return samples / stream.rate
 
 
+@pytest.mark.parametrize("rate", [8000, 16000, 48000])
+def test_tone_maker_sound_decodes_as_long_as_the_voice(tmp_path, rate):
+    """Decoded samples, not the header: a telephone-rate voice once came back 0.128 s longer
+    (AAC priming at 8 kHz), failing every duration check on a hosted result of it."""
+    image = mf.make_image(tmp_path / "i.png", "PNG", (300, 300))
+    audio = mf.make_tone(tmp_path / "a.wav", "wav", 5.0, sample_rate=rate)
+    out = tmp_path / "o.mp4"
+    tone_video_maker(image, audio, out)
+    with av.open(str(out)) as f:
+        assert f.streams.audio[0].rate in (44100, 48000)
+    assert audio_seconds(out) == pytest.approx(5.0, abs=0.1)
+
+
 @pytest.mark.parametrize("fmt,seconds", [("wav", 2.0), ("mp3", 3.7), ("m4a", 2.3)])
 def test_tone_maker_matches_audio_length(tmp_path, fmt, seconds):
     image = mf.make_image(tmp_path / "i.png", "PNG", (300, 300), color=(10, 200, 30))

@@ -265,3 +265,21 @@ def test_a_heic_over_the_pixel_limit_is_refused_before_it_is_decoded(tmp_path, s
     monkeypatch.setattr(as_plugin._LibHeifImageFile, "load", no_decoding)
     with pytest.raises(InputError, match=rf"portrait.heic claims to be far too large \({size[0]} x {size[1]} px"):
         check_image(src, settings=settings)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped_white(mode):
+    """Every 16-bit level v becomes v >> 8 (Pillow's own convert("RGB") clips all of them
+    above 255 to white)."""
+    import numpy as np
+
+    levels = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    im = Image.fromarray(levels)  # I;16
+    if mode != "I;16":
+        im = im.convert(mode) if mode == "I" else Image.frombytes(mode, im.size, levels.astype(">u2").tobytes())
+    assert im.mode == mode
+    rgb = image_mod.to_rgb(im)
+    assert rgb.mode == "RGB"
+    out = np.asarray(rgb)
+    assert (out[..., 0] == out[..., 2]).all() and (out[..., 0] == out[..., 1]).all()
+    assert (out[..., 0].astype(np.int64) == (levels >> 8)).all()

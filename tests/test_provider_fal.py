@@ -16,10 +16,10 @@ from avatar_core import jobs
 from avatar_core.config import Secret, load_settings
 from avatar_core.emulator import Emulator, Fault, JobPlan, tone_video_maker
 from avatar_core.emulator.server import CANCELLED
-from avatar_core.errors import InputError
+from avatar_core.errors import InputError, ProtocolError
 from avatar_core.events import Done, FailedEvent, ProcessingEvent, QueuedEvent, Submitted
 from avatar_core.providers.base import Completed, JobHandle, Processing, Queued, SubmitRequest
-from avatar_core.providers.fal import FalProvider, app_path, parse_sse
+from avatar_core.providers.fal import FalProvider, app_path
 from tests.media_factory import make_image, make_tone
 from tests.helpers import check_mp4, collect, run_through_read_faults, until
 
@@ -221,15 +221,6 @@ async def test_closing_the_job_cancels_it_over_the_wire(emu, settings, inputs):
 # ------------------------------------------------------------------ streaming status
 
 
-def test_parse_sse_events():
-    lines = [
-        ": keep-alive", "",
-        'data: {"status": "IN_QUEUE",', 'data:  "queue_position": 2}', "",
-        "event: status", "id: 7", 'data: {"status": "COMPLETED"}',
-    ]
-    assert list(parse_sse(lines)) == [{"status": "IN_QUEUE", "queue_position": 2}, {"status": "COMPLETED"}]
-
-
 async def test_stream_status_pushes_until_completed(emu, inputs):
     image, audio = inputs
     client = FalProvider(KEY, emu.url)
@@ -250,6 +241,45 @@ async def test_stream_status_pushes_until_completed(emu, inputs):
     assert isinstance(seen[-1], Completed)
     (stream,) = emu.requests_to("GET", r"/status/stream$")
     assert stream.path == f"{APP}/requests/{handle.request_id}/status/stream"
+
+
+async def test_stream_status_reads_events_as_the_sse_rules_say():
+    """Keep-alive comments and events with no data are skipped, an event's ``data:`` lines
+    are joined with newlines, ``event:``/``id:`` fields do not get in the way, and the
+    request asks for an event stream."""
+    body = (": keep-alive\n\n"
+            'data: {"status": "IN_QUEUE",\ndata:  "queue_position": 2}\n\n'
+            "event: status\nid: 6\n\n"
+            'event: status\nid: 7\ndata: {"status": "IN_PROGRESS", "logs": [{"message": "step 1"}]}\n\n'
+            'data: {"status": "COMPLETED"}\n\n')
+    seen_requests = []
+
+    def reply(request):
+        seen_requests.append(request)
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    client = FalProvider(KEY, "http://fal.test", transport=httpx.MockTransport(reply))
+    try:
+        got = [s async for s in client.stream_status(JobHandle("fal", "rid-1", model=f"{APP}/ai-avatar"))]
+    finally:
+        await client.aclose()
+    assert [type(s) for s in got] == [Queued, Processing, Completed]
+    assert got[0].position == 2 and got[1].logs == ("step 1",)
+    (request,) = seen_requests
+    assert request.headers["accept"] == "text/event-stream"
+    assert request.url.path == f"{APP}/requests/rid-1/status/stream" and request.url.params["logs"] == "1"
+
+
+async def test_a_status_event_that_is_not_json_is_a_protocol_error():
+    def reply(request):
+        return httpx.Response(200, text="data: {not json\n\n", headers={"content-type": "text/event-stream"})
+
+    client = FalProvider(KEY, "http://fal.test", transport=httpx.MockTransport(reply))
+    try:
+        with pytest.raises(ProtocolError, match="not JSON"):
+            [s async for s in client.stream_status(JobHandle("fal", "rid-1", model=f"{APP}/ai-avatar"))]
+    finally:
+        await client.aclose()
 
 
 def test_app_path_keeps_owner_and_app():

@@ -208,6 +208,22 @@ def test_compressed_audio_and_a_pil_image(media, tmp_path, fmt):
     assert (result.width, result.height) == (480, 480)
 
 
+def test_a_16_bit_grey_scan_keeps_its_brightness(media, corpus, tmp_path):
+    """A 16-bit greyscale PNG of a real face (a scanned photo) is rendered as grey as it is,
+    not white: the renderer scales it to 8 bits (value >> 8) instead of clipping at 255."""
+    source = corpus.image("png16_gray")
+    with Image.open(source) as im:
+        assert im.mode == "I;16"
+        expected = (np.asarray(im, dtype=np.uint16) >> 8).astype(np.float32)
+    result = render_video(source, media["short"], tmp_path / "scan.mp4")
+    assert result.face_found
+    with av.open(str(result.path)) as c:
+        first = next(c.decode(video=0)).to_ndarray(format="rgb24").astype(np.float32)
+    assert abs(first.mean() - expected.mean()) < 6, (first.mean(), expected.mean())
+    assert first.std() > 0.7 * expected.std()  # the picture, not a flat grey
+    assert np.abs(first[..., 0] - first[..., 2]).mean() < 3  # still grey, no colour cast
+
+
 def test_progress_runs_from_zero_to_one(media, tmp_path):
     seen: list[float] = []
     render_video(media["face"], media["short"], tmp_path / "p.mp4", progress=seen.append)

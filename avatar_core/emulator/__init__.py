@@ -8,6 +8,8 @@ requests it recorded::
         emu.faults.add(Fault("status", r"/result$", count=2, status=503))
         ...
         assert emu.requests_to("POST", r"^/api/v3/kwaivgi/")[0].json["image"]
+        job, = emu.jobs.values()
+        job.received["image"].data   # the bytes the model got, however they travelled
 """
 
 from .server import (
@@ -23,6 +25,7 @@ from .server import (
     Job,
     JobPlan,
     Protocol,
+    ReceivedInput,
     RecordedRequest,
     Response,
     main_serve,
@@ -45,6 +48,7 @@ __all__ = [
     "Job",
     "JobPlan",
     "Protocol",
+    "ReceivedInput",
     "RecordedRequest",
     "Response",
     "default_video_maker",

@@ -163,8 +163,10 @@ class JobPlan:
     ``fail`` makes it end FAILED with that message instead of completing.
     ``status_value`` replaces the protocol's status word (an unknown value, say).
     ``video`` is what the result URL serves: ``"ok"`` (the MP4), ``"403"``, ``"404"``,
-    ``"html"`` (an HTML page with HTTP 200), or ``"huge"`` (``huge_bytes`` of zeros,
-    with ``Content-Length`` unless ``huge_declared=False``).
+    ``"html"`` (an HTML page with HTTP 200), ``"huge"`` (``huge_bytes`` of zeros,
+    with ``Content-Length`` unless ``huge_declared=False``), or ``"redirect"`` (HTTP 302
+    to ``redirect_to``). ``video_link`` replaces the result link the provider reports
+    (a link to somewhere else entirely).
     """
 
     queue_s: float | None = None
@@ -175,10 +177,14 @@ class JobPlan:
     video: str = "ok"
     huge_bytes: int = 2 * 1024**3
     huge_declared: bool = True
+    redirect_to: str | None = None
+    video_link: str | None = None
 
     def __post_init__(self) -> None:
-        if self.video not in ("ok", "403", "404", "html", "huge"):
+        if self.video not in ("ok", "403", "404", "html", "huge", "redirect"):
             raise ValueError(f"unknown video behaviour {self.video!r}")
+        if (self.video == "redirect") != (self.redirect_to is not None):
+            raise ValueError('video="redirect" and redirect_to go together')
 
 
 # ---------------------------------------------------------------------------- records
@@ -325,9 +331,30 @@ class StoredFile:
         return hashlib.sha256(self.data or b"").hexdigest()
 
 
+@dataclass(frozen=True)
+class ReceivedInput:
+    """The bytes behind one input reference of a job, as the provider would have fetched
+    them (an upload, a loopback URL or a decoded data: URI), with the MIME type they came
+    labelled with: the upload's or the data URI's declared type, never checked against the
+    bytes (Kling's raw base64 carries no type; its protocol module sniffs one)."""
+
+    data: bytes = field(repr=False)
+    content_type: str
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
 @dataclass
 class Job:
-    """A submitted job. Timing is in the emulator's clock; ``plan`` says how it behaves."""
+    """A submitted job. Timing is in the emulator's clock; ``plan`` says how it behaves.
+
+    ``inputs`` are the references as submitted; ``received`` holds, under the same names
+    (``image``, ``audio``), what those references turned out to contain when the job was
+    created: the files the model would work on. An input that could not be read is
+    missing from it (and ``input_error`` says why).
+    """
 
     id: str
     protocol: str
@@ -339,6 +366,7 @@ class Job:
     processing_s: float
     plan: JobPlan
     inputs: Mapping[str, Any] = field(default_factory=dict)
+    received: dict[str, ReceivedInput] = field(default_factory=dict, repr=False)
     webhook: str | None = None
     input_error: str | None = None
     complete_at: float | None = None
@@ -783,6 +811,8 @@ class Emulator:
         return f"{self.url}/emulator/files/{file.id}/{urllib.parse.quote(file.filename)}"
 
     def video_url(self, job: Job) -> str:
+        if job.plan.video_link is not None:
+            return job.plan.video_link
         return f"{self.url}/emulator/outputs/{job.id}/output.mp4"
 
     def create_job(
@@ -818,7 +848,9 @@ class Emulator:
         )
         try:
             image = self.fetch_input(inputs["image"])
+            job.received["image"] = ReceivedInput(*image)
             audio = self.fetch_input(inputs["audio"])
+            job.received["audio"] = ReceivedInput(*audio)
         except (ValueError, OSError, KeyError) as exc:
             job.input_error = f"Could not read the input files: {exc}"
         else:
@@ -884,6 +916,8 @@ class Emulator:
             return Response(404, b"<Error><Code>NoSuchKey</Code></Error>", "application/xml")
         if plan.video == "html":
             return html_response(200)
+        if plan.video == "redirect":
+            return Response(302, b"", None, {"Location": plan.redirect_to or "/"})
         if plan.video == "huge":
             length = plan.huge_bytes if plan.huge_declared else None
             return Response(200, zeros(plan.huge_bytes), "video/mp4", length=length)

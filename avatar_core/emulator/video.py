@@ -29,8 +29,10 @@ _RENDER_WORKERS = 2
 # The stand-in video: small and slow-moving, so encoding costs almost nothing.
 TONE_SIZE = (64, 64)
 TONE_FPS = 10
-# AAC's native rates; other input rates are resampled to 44.1 kHz.
-_AAC_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+# The result's sound is at 44.1 or 48 kHz, as the hosted models deliver it; lower input
+# rates are resampled to 44.1 kHz. (AAC at a voice's 8 kHz would also be a wrong stand-in
+# in length: its 1024 priming samples alone decode as 0.128 s more than the voice.)
+_RESULT_RATES = (44100, 48000)
 
 
 def render_video_maker(image_path: Path, audio_path: Path, out_path: Path, tier: str) -> None:
@@ -73,7 +75,7 @@ def tone_video_maker(image_path: PathLike, audio_path: PathLike, out_path: PathL
     colour = _image_colour(Path(image_path))
     with av.open(str(audio_path)) as src:
         stream = src.streams.audio[0]
-        rate = stream.rate if stream.rate in _AAC_RATES else 44100
+        rate = stream.rate if stream.rate in _RESULT_RATES else 44100
         resampler = av.AudioResampler(format="fltp", layout="mono", rate=rate)
         chunks = []
         for frame in src.decode(stream):

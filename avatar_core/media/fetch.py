@@ -153,6 +153,62 @@ def checked_transport(*, allow_private: bool, resolver: Resolver = system_resolv
     return transport
 
 
+def endpoint(url: httpx.URL) -> tuple[str, int]:
+    """(host lower-cased, port with the scheme's default filled in) of ``url``."""
+    return (url.host or "").lower(), _port(url)
+
+
+class _AsyncCheckedBackend(httpcore.AsyncNetworkBackend):
+    """The async twin of :class:`_CheckedBackend`; ``trusted`` endpoints connect unchecked.
+
+    The resolver is blocking (getaddrinfo), so it runs in a worker thread.
+    """
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend, *, allow_private: bool, resolver: Resolver,
+                 trusted: frozenset) -> None:
+        self._inner = inner
+        self._allow_private = allow_private
+        self._resolver = resolver
+        self._trusted = trusted
+
+    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        if (str(host).lower(), port) in self._trusted:
+            return await self._inner.connect_tcp(host, port, timeout=timeout, local_address=local_address,
+                                                 socket_options=socket_options)
+        import anyio.to_thread
+
+        ips = await anyio.to_thread.run_sync(
+            lambda: check_host(host, port, allow_private=self._allow_private, resolver=self._resolver))
+        last: Exception | None = None
+        for ip in ips:
+            try:
+                return await self._inner.connect_tcp(ip, port, timeout=timeout, local_address=local_address,
+                                                     socket_options=socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    async def connect_unix_socket(self, *a, **kw):  # pragma: no cover - never used for URLs
+        raise httpcore.ConnectError("unix sockets are not allowed")
+
+    async def sleep(self, seconds: float) -> None:  # pragma: no cover
+        await self._inner.sleep(seconds)
+
+
+def async_checked_transport(*, allow_private: bool, resolver: Resolver = system_resolver,
+                            trusted: frozenset = frozenset(), **kwargs) -> httpx.AsyncBaseTransport:
+    """An async httpx transport whose connections go only to checked addresses (or ``trusted``
+    endpoints). ``kwargs`` go to ``httpx.AsyncHTTPTransport`` (``verify=...``)."""
+    transport = httpx.AsyncHTTPTransport(retries=0, **kwargs)
+    pool = getattr(transport, "_pool", None)
+    if pool is None or not hasattr(pool, "_network_backend"):  # pragma: no cover - httpx internals moved
+        raise RuntimeError("this httpx version hides its connection pool; the address check cannot be installed")
+    pool._network_backend = _AsyncCheckedBackend(pool._network_backend, allow_private=allow_private,
+                                                 resolver=resolver, trusted=frozenset(trusted))
+    return transport
+
+
 @dataclass(frozen=True)
 class Fetched:
     """A downloaded body. ``url`` is what the user gave, ``final_url`` where it came from."""

@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
@@ -139,7 +140,7 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
                 ) from exc
             orientation = im.getexif().get(0x0112, 1)
             upright = ImageOps.exif_transpose(im) if orientation not in (1, None) else im
-            rgb = _to_rgb(upright)
+            rgb = to_rgb(upright)
     if rgb.width == 0 or rgb.height == 0:
         raise InputError(f"The image {_name(path)} has no pixels. Choose another photo.")
     return LoadedImage(
@@ -177,10 +178,22 @@ def _bomb_error(path: Path, size: tuple[int, int] | None = None) -> InputError:
     )
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """RGB with any transparency flattened onto white (providers take no alpha)."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        im = im.point(lambda v: v / 256).convert("L")
+# Pillow's modes for one 16-bit grey channel ("I" is 32-bit, but is what older Pillow and
+# some TIFFs give for 16-bit files).
+_SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB with any transparency flattened onto white (providers take no alpha).
+
+    16-bit greyscale (a scanned photo, a medical or astronomy export) is scaled to 8 bits
+    (value >> 8, so 65535 is 255): Pillow's own ``convert("RGB")`` clips it at 255 instead,
+    and all but the darkest pixels of such a picture turn white.
+    """
+    if im.mode in _SIXTEEN_BIT_GREY:
+        # Pillow's point() and convert() refuse I;16B, so the shift is done on the array.
+        levels = np.asarray(im).astype(np.int64) >> 8
+        im = Image.fromarray(np.clip(levels, 0, 255).astype(np.uint8), "L")
     elif im.mode == "F":
         im = im.convert("L")
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)

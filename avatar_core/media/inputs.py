@@ -111,6 +111,14 @@ def _work_dir(settings: Settings) -> Path:
     return d
 
 
+def _touch(path: Path) -> None:
+    """Mark a reused work file as used now, so the retention sweep (by age) leaves it be."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
 def _digest(*parts: bytes | str) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -150,6 +158,8 @@ def _materialise(
         dest = _work_dir(settings) / f"url-{_digest(got.data)}{suffix}"
         if not dest.exists():
             _image.write_atomic(dest, got.data)
+        else:
+            _touch(dest)
         return dest, source.strip()
     if source is None or (isinstance(source, str) and not source.strip()):
         raise InputError(f"No {what} was given. Choose a file or paste a link.")
@@ -191,6 +201,8 @@ def check_image(
     dest = _work_dir(settings) / f"image-{_digest(encoded.data)}{ext}"
     if not dest.exists():
         _image.write_atomic(dest, encoded.data)
+    else:
+        _touch(dest)  # reused: its retention age starts again
 
     if encoded.downscaled:
         sx = encoded.size[0] / img.width
@@ -319,6 +331,8 @@ def check_audio(
     fmt = limits.output
     dest = work / f"audio-{key}.{fmt}"
     passthrough = False
+    if dest.exists():
+        _touch(dest)  # reused: its retention age starts again
     same_codec = (fmt == "mp3" and info.codec == "mp3" and info.container == "mp3") or (
         fmt == "wav" and info.codec == "pcm_s16le" and info.container == "wav"
     )

@@ -13,15 +13,15 @@ what every provider shares.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable, Iterator
+from typing import Any, AsyncIterator
 from urllib.parse import urlsplit
 
 import httpx
+from httpx_sse import aconnect_sse
 
 from ..config import Settings
-from ..errors import JobFailed, TransientError
+from ..errors import JobFailed, ProtocolError, TransientError
 from .base import (
     MODEL_IDS,
     Completed,
@@ -61,28 +61,6 @@ def app_path(endpoint: str) -> str:
     if len(parts) < 2:
         raise ValueError(f"not a fal.ai endpoint: {endpoint!r}")
     return "/".join(parts[:2])
-
-
-def parse_sse(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
-    """Server-sent events -> the JSON object of each event's ``data:`` lines.
-
-    Comments (``:``) and other fields (``event:``, ``id:``) are skipped; an event ends at
-    a blank line; ``data:`` lines of one event are joined with newlines (the SSE rule)."""
-    data: list[str] = []
-    for raw in lines:
-        line = raw.rstrip("\r\n")
-        if not line:
-            if data:
-                yield json.loads("\n".join(data))
-                data = []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _colon, value = line.partition(":")
-        if name == "data":
-            data.append(value[1:] if value.startswith(" ") else value)
-    if data:
-        yield json.loads("\n".join(data))
 
 
 class FalProvider(HttpProvider):
@@ -179,23 +157,26 @@ class FalProvider(HttpProvider):
         ends. An optional fast path: the job loop polls :meth:`status` instead."""
         url = self.request_url(handle, "status") + "/stream"
         try:
-            async with self._client.stream(
-                "GET", url, params={"logs": "1"}, headers={"Accept": "text/event-stream"},
+            async with aconnect_sse(
+                self._client, "GET", url, params={"logs": "1"},
                 timeout=httpx.Timeout(30.0, connect=10.0, read=None),
-            ) as response:
+            ) as source:
+                response = source.response
                 if response.status_code >= 400:
                     await response.aread()
                     raise_for_status(response, provider=self.name, label=self.label,
                                      request_id=handle.request_id, detail=self.error_detail(response))
-                lines: list[str] = []
-                async for line in response.aiter_lines():
-                    lines.append(line)
-                    if line == "":
-                        for event in parse_sse(lines):
-                            yield self.parse_status(event, handle.request_id)
-                        lines = []
-                for event in parse_sse(lines):
-                    yield self.parse_status(event, handle.request_id)
+                async for event in source.aiter_sse():
+                    if not event.data:
+                        continue  # a keep-alive or an event with no data
+                    try:
+                        body = event.json()
+                    except ValueError as exc:
+                        raise ProtocolError(
+                            f"{self.label} sent a status event that is not JSON.",
+                            provider=self.name, request_id=handle.request_id,
+                        ) from exc
+                    yield self.parse_status(body, handle.request_id)
         except httpx.TransportError as exc:
             raise TransientError(
                 f"The {self.label} status stream broke off ({type(exc).__name__}).",

@@ -22,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import AvatarError, InputError, JobCancelled
 from ..media.face import FaceBox, detect_eyes, detect_faces
+from ..media.image import to_rgb
 from .motion import FaceAnimator, IdleAnimator, blink_track, mouth_openness
 from .soundtrack import AAC_BITRATE, AUDIO_RATE, aac_packets, measure_loudness, open_audio, output_layout
 
@@ -86,7 +87,7 @@ def output_size(width: int, height: int, tier: str = "standard") -> tuple[int, i
 
 def load_image(image: str | Path | Image.Image) -> Image.Image:
     """An RGB copy of ``image`` (a path or a PIL image), EXIF rotation applied, transparency
-    flattened onto white."""
+    flattened onto white, 16-bit greyscale scaled to 8 bits (see :func:`~avatar_core.media.image.to_rgb`)."""
     if isinstance(image, Image.Image):
         img = image
     else:
@@ -98,13 +99,7 @@ def load_image(image: str | Path | Image.Image) -> Image.Image:
             raise InputError(
                 f"Could not read the image {Path(image).name!r} ({type(exc).__name__}). Use a JPEG or PNG file."
             ) from exc
-    img = ImageOps.exif_transpose(img) or img
-    if img.mode in ("RGBA", "LA", "P") and (img.mode != "P" or "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        flat = Image.new("RGB", rgba.size, (255, 255, 255))
-        flat.paste(rgba, mask=rgba.getchannel("A"))
-        return flat
-    return img.convert("RGB")
+    return to_rgb(ImageOps.exif_transpose(img) or img)
 
 
 def _scale_box(b: FaceBox, sx: float, sy: float) -> FaceBox:

@@ -22,6 +22,7 @@ import pytest
 import app
 from avatar_core.config import load_settings
 from avatar_core.emulator import Emulator, JobPlan, tone_video_maker
+from tests.corpus import cut, encode_audio, synthesise_speech
 from tests.helpers import free_port as _free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -112,10 +113,10 @@ def _open(browser, url: str, width: int = 1280, height: int = 900):
     return context, page
 
 
-def _add_inputs(page) -> None:
+def _add_inputs(page, audio: Path = AUDIO) -> None:
     page.locator("#image-input input[type=file]").set_input_files(str(IMAGE))
     page.locator("#image-notes").get_by_text("Face found").wait_for()
-    page.locator("#audio-input input[type=file]").set_input_files(str(AUDIO))
+    page.locator("#audio-input input[type=file]").set_input_files(str(audio))
     page.locator("#audio-notes").get_by_text(re.compile("of audio")).wait_for()
 
 
@@ -200,6 +201,103 @@ def test_make_a_local_preview_in_the_browser(server, browser):
         page.set_viewport_size({"width": 390, "height": 844})
         page.wait_for_timeout(300)
         page.screenshot(path=str(ARTIFACTS / "app_after_run_phone.png"), full_page=True)
+    finally:
+        context.close()
+
+
+# Longer than 10 s: the renderer's old timestamp bug made every clip past 10 s unplayable.
+LONG_SPEECH_S = 13.0
+
+
+@pytest.fixture(scope="module")
+def long_speech(tmp_path_factory) -> Path:
+    """13 s of real speech (espeak-ng) as an MP3, like a recorded voice clip."""
+    d = tmp_path_factory.mktemp("browser-speech")
+    pcm = synthesise_speech(d / "espeak.wav", LONG_SPEECH_S + 1)
+    return encode_audio(d / "voice-13s.mp3", "mp3", cut(pcm, LONG_SPEECH_S))
+
+
+# Plays the <video> muted (headless autoplay policy) for about 2 s of wall time.
+_PLAY_FOR_2_S = """async (el) => {
+    el.muted = true;
+    await el.play();
+    const t0 = el.currentTime, wall0 = performance.now();
+    await new Promise((r) => setTimeout(r, 2000));
+    const out = {t0, t1: el.currentTime, wall: (performance.now() - wall0) / 1000, paused: el.paused,
+                 ended: el.ended, error: el.error && el.error.code};
+    el.pause();
+    return out;
+}"""
+
+# Seeks to each time, draws the shown frame to a <canvas>, and compares the pictures.
+_FRAMES_AT = """async (el, times) => {
+    el.pause();
+    const w = el.videoWidth, h = el.videoHeight;
+    const canvas = document.createElement('canvas');
+    canvas.width = w; canvas.height = h;
+    const ctx = canvas.getContext('2d', {willReadFrequently: true});
+    const shots = [];
+    for (const t of times) {
+        await new Promise((resolve, reject) => {
+            el.addEventListener('seeked', resolve, {once: true});
+            el.addEventListener('error', () => reject(new Error('video error ' + el.error.code)), {once: true});
+            el.currentTime = t;
+        });
+        ctx.drawImage(el, 0, 0, w, h);
+        shots.push({at: el.currentTime, px: ctx.getImageData(0, 0, w, h).data});
+    }
+    const [a, b] = [shots[0].px, shots[1].px];
+    let sumA = 0, sumB = 0, absDiff = 0, changed = 0;
+    for (let i = 0; i < a.length; i += 4) {
+        let d = 0;
+        for (let c = 0; c < 3; c++) { sumA += a[i + c]; sumB += b[i + c]; d += Math.abs(a[i + c] - b[i + c]); }
+        absDiff += d;
+        if (d > 3 * 16) changed++;
+    }
+    const n = a.length / 4;
+    return {w, h, at: shots.map((s) => s.at), meanA: sumA / (3 * n), meanB: sumB / (3 * n),
+            meanAbsDiff: absDiff / (3 * n), changedShare: changed / n};
+}"""
+
+
+def test_a_finished_local_preview_plays_in_the_browser(server, browser, long_speech):
+    """The finished preview of a 13 s voice clip plays: time runs, the picture moves, and it
+    is as long as the voice."""
+    url, _emu = server
+    context, page = _open(browser, url)
+    try:
+        expect_seconds = _audio_seconds(long_speech)
+        assert expect_seconds > 12
+        _add_inputs(page, long_speech)
+        _choose_provider(page, "Local preview", "Offline preview")
+        statuses = _generate_and_watch(page)
+        assert "Done in" in statuses[-1], statuses[-3:]
+        video = page.locator("#video video")
+
+        assert _video_duration(page) == pytest.approx(expect_seconds, abs=0.15)
+        played = video.evaluate(_PLAY_FOR_2_S)
+        assert played["error"] is None and not played["ended"], played
+        assert played["t1"] - played["t0"] > 1.0, played  # it plays, not stuck on one frame
+        assert played["t1"] - played["t0"] <= played["wall"] + 0.3, played  # at real speed, not skipping
+
+        frames = video.evaluate(_FRAMES_AT, [0.3, 1.5])
+        assert frames["at"] == [pytest.approx(0.3, abs=0.05), pytest.approx(1.5, abs=0.05)], frames
+        assert 20 < frames["meanA"] < 235 and 20 < frames["meanB"] < 235, frames  # a picture, not black or white
+        # The face moved between the two frames (head, mouth, eyes): a visible change, not codec noise.
+        assert frames["meanAbsDiff"] > 1.5 and frames["changedShare"] > 0.01, frames
+        # The end plays too (the old bug lost everything past 10 s).
+        tail = video.evaluate(_FRAMES_AT, [expect_seconds - 2.0, expect_seconds - 0.5])
+        assert tail["at"][1] == pytest.approx(expect_seconds - 0.5, abs=0.05), tail
+        assert tail["meanAbsDiff"] > 1.5 and tail["changedShare"] > 0.01, tail
+
+        video.evaluate("(el) => { el.currentTime = 1.5; }")
+        page.wait_for_timeout(300)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "app_after_playing.png"), full_page=True)
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(ARTIFACTS / "app_after_playing_phone.png"), full_page=True)
+        assert "Traceback" not in page.content()
     finally:
         context.close()
 
