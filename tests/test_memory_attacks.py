@@ -88,7 +88,10 @@ def server(tmp_path_factory, files):
     out = tmp_path_factory.mktemp("attack-out")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.endswith(("_API_KEY", "_KEY", "_TOKEN"))}
-    env.update(AVATAR_OUTPUT_DIR=str(out), AVATAR_MAX_CONCURRENT_PER_VISITOR="1", PYTHONPATH=str(ROOT))
+    # Its own Gradio upload folder: the app sweeps its cache on shutdown, which must not
+    # take away files that apps launched by other tests in this process still serve.
+    env.update(AVATAR_OUTPUT_DIR=str(out), AVATAR_MAX_CONCURRENT_PER_VISITOR="1", PYTHONPATH=str(ROOT),
+               GRADIO_TEMP_DIR=str(tmp_path_factory.mktemp("attack-gradio")))
     proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
