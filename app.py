@@ -207,13 +207,15 @@ def build_demo(settings: Settings | None = None, *, store=None, host: str | None
 
         # --- input checks, as soon as an input arrives (UI only, not part of the API)
         private = dict(api_visibility="private")
+        # All of them share DEFAULT_CONCURRENCY slots: decoding is the costly part of a visit.
+        checks = dict(concurrency_limit=ui.DEFAULT_CONCURRENCY, concurrency_id="input-checks")
         gr.on([image.change, image_url.submit, image_url.blur], h.check_image, [image, image_url],
-              [image_preview, image_notes], trigger_mode="always_last", **private)
+              [image_preview, image_notes], trigger_mode="always_last", **checks, **private)
         audio_inputs = [audio, audio_url, provider, tier, version, trim]
         gr.on([audio.change, audio_url.submit, audio_url.blur, trim.change], h.check_audio, audio_inputs,
-              [waveform, audio_notes, audio_seconds], trigger_mode="always_last", **private)
+              [waveform, audio_notes, audio_seconds], trigger_mode="always_last", **checks, **private)
         provider.change(h.provider_changed, provider, [version, provider_info], **private).then(
-            h.check_audio, audio_inputs, [waveform, audio_notes, audio_seconds], **private
+            h.check_audio, audio_inputs, [waveform, audio_notes, audio_seconds], **checks, **private
         )
         gr.on([provider.change, tier.change, version.change, audio_seconds.change], h.cost,
               [provider, tier, version, audio_seconds], cost, queue=False, show_progress="hidden", **private)

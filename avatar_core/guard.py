@@ -19,6 +19,13 @@ whether a job may start:
    bounded, so it may not use the server's keys while a cap is set. Jobs on a
    visitor's own key never count toward it.
 
+A visitor's place is taken **before** their files are decoded or checked:
+:meth:`Guard.enter` refuses at once what needs no price (server keys not open to them,
+the jobs-in-progress limit, a daily job count or budget already used up) and holds an
+in-progress slot while the inputs are checked, so three uploads at once from one visitor
+with a limit of one cost one check, not three. :meth:`Place.admit` then applies the price
+rules and turns the place into the job's ticket; :meth:`Guard.admit` does both at once.
+
 A refused job raises :class:`LimitReached`, an :class:`~avatar_core.errors.InputError`
 whose message says what to do. An admitted job holds a :class:`Ticket`: call
 :meth:`Ticket.submitted` once the provider has (or may have) the job, and
@@ -219,6 +226,39 @@ class Ticket:
         self.close()
 
 
+class Place:
+    """A visitor's in-progress slot, held while their inputs are checked; see :meth:`Guard.enter`.
+
+    :meth:`admit` turns it into the job's :class:`Ticket` (the slot passes to the ticket);
+    :meth:`close`, or leaving the ``with`` block, frees it if that never happened.
+    """
+
+    def __init__(self, guard: "Guard", owner: str, provider: str, uses_server_key: bool, logged_in: bool) -> None:
+        self._guard = guard
+        self.owner = owner
+        self.provider = provider
+        self._uses_server_key = uses_server_key
+        self._logged_in = logged_in
+        self._open = True
+
+    def admit(self, estimated_cost_usd: float | None) -> Ticket:
+        """The price rules for this job, then its ticket; LimitReached says why not (the place stays held)."""
+        if not self._open:
+            raise RuntimeError("admit() called on a place that was closed or already admitted")
+        return self._guard._admit(self.owner, provider=self.provider, uses_server_key=self._uses_server_key,
+                                  estimated_cost_usd=estimated_cost_usd, logged_in=self._logged_in, place=self)
+
+    def close(self) -> None:
+        """Free the slot unless it became a ticket. Idempotent."""
+        self._guard._leave(self)
+
+    def __enter__(self) -> "Place":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 class Guard:
     """Admits or refuses jobs by the limits in ``settings`` (see the module docstring).
 
@@ -258,6 +298,33 @@ class Guard:
         ``estimated_cost_usd``: from the price table; None when the price is unknown.
         ``logged_in``: the visitor signed in through the app's login (``AVATAR_AUTH``).
         """
+        return self._admit(owner, provider=provider, uses_server_key=uses_server_key,
+                           estimated_cost_usd=estimated_cost_usd, logged_in=logged_in, place=None)
+
+    def enter(self, owner: str, *, provider: str, uses_server_key: bool, logged_in: bool) -> Place:
+        """Take a job slot for ``owner`` before their inputs are checked, or raise :class:`LimitReached`.
+
+        Refuses what needs no price: server keys not open to this visitor, their
+        jobs-in-progress limit (the place counts as one), a daily job limit or server
+        budget already used up. Nothing is reserved for the day yet; :meth:`Place.admit`
+        does that once the price is known. Costs no database write (one read).
+        """
+        if not isinstance(owner, str) or not owner.strip():
+            raise ValueError("owner must be a non-empty string (a user name or a per-browser id)")
+        hosted = provider != LOCAL
+        paid_by_server = hosted and bool(uses_server_key) and self.settings.has_key(provider)
+        if paid_by_server:
+            self._check_server_key_use(_provider_label(provider), 0.0, logged_in)
+        with self._lock:
+            self._check_concurrent(owner)
+            if hosted:
+                now = self._clock()
+                self._check_day(self._ledger.usage(day=utc_day(now), owner=owner), now, paid_by_server, 0)
+            self._running[owner] += 1
+        return Place(self, owner, provider, bool(uses_server_key), logged_in)
+
+    def _admit(self, owner: str, *, provider: str, uses_server_key: bool, estimated_cost_usd: float | None,
+               logged_in: bool, place: Place | None) -> Ticket:
         if not isinstance(owner, str) or not owner.strip():
             raise ValueError("owner must be a non-empty string (a user name or a per-browser id)")
         hosted = provider != LOCAL
@@ -274,7 +341,10 @@ class Guard:
             cost_microusd = round(estimated_cost_usd * MICROUSD_PER_USD)
 
         with self._lock:
-            self._check_concurrent(owner)
+            if place is None:
+                self._check_concurrent(owner)
+            elif not place._open:
+                raise RuntimeError("admit() called on a place that was closed or already admitted")
             usage_id = None
             if hosted:
                 now = self._clock()
@@ -287,11 +357,14 @@ class Guard:
                     now=now,
                     check=lambda usage: self._check_day(usage, now, paid_by_server, cost_microusd or 0),
                 )
-            self._running[owner] += 1
+            if place is None:
+                self._running[owner] += 1
+            else:
+                place._open = False  # its slot is the ticket's now
         return Ticket(self, owner, provider, usage_id, paid_by_server=paid_by_server, cost_microusd=cost_microusd)
 
     def running(self, owner: str) -> int:
-        """How many admitted jobs of this owner are not closed yet (this process)."""
+        """How many admitted jobs (and places held by :meth:`enter`) of this owner are not closed yet (this process)."""
         with self._lock:
             return self._running[owner]
 
@@ -414,14 +487,24 @@ class Guard:
             "API key to continue."
         )
 
+    def _leave(self, place: Place) -> None:
+        with self._lock:
+            if not place._open:
+                return
+            place._open = False
+            self._release_slot(place.owner)
+
+    def _release_slot(self, owner: str) -> None:
+        self._running[owner] -= 1
+        if self._running[owner] <= 0:
+            del self._running[owner]
+
     def _close(self, ticket: Ticket) -> None:
         with self._lock:
             if ticket._closed:
                 return
             ticket._closed = True
-            self._running[ticket.owner] -= 1
-            if self._running[ticket.owner] <= 0:
-                del self._running[ticket.owner]
+            self._release_slot(ticket.owner)
             if ticket._usage_id is not None and not ticket._submitted:
                 try:
                     self._ledger.release_usage(ticket._usage_id)
@@ -524,6 +607,7 @@ class _MemoryLedger:
 __all__ = [
     "Guard",
     "LimitReached",
+    "Place",
     "Ticket",
     "auth_credentials",
     "is_loopback_host",

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import secrets as _secrets
+import threading
 import time
 import traceback
 from contextvars import ContextVar
@@ -58,6 +59,10 @@ log = logging.getLogger("avatar_core.ui")
 GENERATE_CONCURRENCY = 32
 # Everything else (input checks, cost updates) is short CPU work on a 2-core machine.
 DEFAULT_CONCURRENCY = 2
+# Input checks (decoding a portrait and a voice clip, up to about 300 MB each) running at
+# once inside /generate, all visitors together; the rest wait their turn. The checks the
+# page runs as files arrive share their own DEFAULT_CONCURRENCY slots (app.py).
+INPUT_CHECK_CONCURRENCY = 2
 # Requests waiting beyond the running ones. Past this Gradio answers "queue full" at once
 # instead of keeping someone waiting behind half an hour of jobs.
 QUEUE_MAX_SIZE = 64
@@ -996,6 +1001,21 @@ def _remote_cancel_supported(provider: str) -> bool:
     return False
 
 
+async def _closeable_in_thread(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a worker thread; if the caller is cancelled meanwhile (the
+    visitor left), the place or ticket it returns is closed, not left holding a slot."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        def close_result(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None:
+                done.result().close()
+
+        task.add_done_callback(close_result)
+        raise
+
+
 SOMEONE_ELSES_JOB = "That job was started by someone else using this app; only they can resume it here."
 NOT_YOUR_JOB_ON_SERVER_KEY = (
     "This server's key only collects jobs this app started for you, and your history has no job with that "
@@ -1018,6 +1038,7 @@ class Handlers:
         self.running = RunningJobs()
         # Where the app listens decides whether anonymous visitors may spend the server's keys.
         self.guard = guard or Guard(self.settings, store, host=host or launch_options()["server_name"])
+        self._input_checks = threading.BoundedSemaphore(INPUT_CHECK_CONCURRENCY)
 
     @property
     def server_keys_open(self) -> bool:
@@ -1134,7 +1155,6 @@ class Handlers:
     async def _generate(self, board, image, audio, provider, tier, prompt, key, version, image_url, audio_url,
                         trim_silence, owner, logged_in):
         from .jobs import run_job
-        from .media.inputs import prepare_inputs
 
         def frame(status: str, video: str | None = None, job: dict | None = None):
             return status, board.request_id or "", video, job
@@ -1159,31 +1179,41 @@ class Handlers:
         version = version or default_version(provider)
         board.version = version
 
-        yield frame(board.message("Checking your files…"))
-        try:
-            prepared = await asyncio.to_thread(
-                prepare_inputs, image_src, audio_src, provider=provider, tier=tier, version=version,
-                settings=self.settings, trim_silence=bool(trim_silence),
-            )
-        except AvatarError as exc:
-            yield frame(board.failed(exc.message))
-            return
-        board.cost = prepared.cost
-        from .jobs import inputs_to_send
-
-        # The checked files, never the links: the provider must get the bytes that were priced.
-        image_in, audio_in = inputs_to_send(prepared, provider)
         from .guard import LimitReached
 
         try:
-            # Before anything is uploaded: may this visitor start a job, on whose key, within budget?
-            ticket = await asyncio.to_thread(
-                self.guard.admit, owner or DIRECT_CALLER, provider=provider, uses_server_key=key is None,
-                estimated_cost_usd=prepared.cost.usd, logged_in=logged_in,
+            # Before any file is decoded: may this visitor start a job now, on whose key? The
+            # place holds their in-progress slot while the files are checked.
+            place = await _closeable_in_thread(
+                self.guard.enter, owner or DIRECT_CALLER, provider=provider, uses_server_key=key is None,
+                logged_in=logged_in,
             )
         except LimitReached as exc:
             yield frame(board.failed(exc.message))
             return
+        try:
+            yield frame(board.message("Checking your files…"))
+            try:
+                prepared = await asyncio.to_thread(
+                    self._checked_inputs, image_src, audio_src, provider=provider, tier=tier, version=version,
+                    trim_silence=bool(trim_silence),
+                )
+            except AvatarError as exc:
+                yield frame(board.failed(exc.message))
+                return
+            board.cost = prepared.cost
+            from .jobs import inputs_to_send
+
+            # The checked files, never the links: the provider must get the bytes that were priced.
+            image_in, audio_in = inputs_to_send(prepared, provider)
+            try:
+                # Before anything is uploaded: within the day's limits and budget at this price?
+                ticket = await _closeable_in_thread(place.admit, prepared.cost.usd)
+            except LimitReached as exc:
+                yield frame(board.failed(exc.message))
+                return
+        finally:
+            place.close()  # frees the slot unless the ticket took it over
         try:
             # The ticket lives as long as the job is driven (watched or not), so closing
             # the page does not free a visitor's slot while their job still runs.
@@ -1207,6 +1237,13 @@ class Handlers:
                 yield frame(board.update(event))
         finally:
             await events.aclose()
+
+    def _checked_inputs(self, image_src, audio_src, **kw):
+        """prepare_inputs, at most INPUT_CHECK_CONCURRENCY at once in this process (in a worker thread)."""
+        from .media.inputs import prepare_inputs
+
+        with self._input_checks:
+            return prepare_inputs(image_src, audio_src, settings=self.settings, **kw)
 
     # -- after a job, and the Stop button
 

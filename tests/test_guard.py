@@ -679,3 +679,62 @@ async def test_real_jobs_against_the_emulator(emu, emu_settings, media, tmp_path
 
     assert guard.usage_today("alice") == (2, 500_000)
     assert guard.running("alice") == 0
+
+
+# ----------------------------------------------------------------------------- a place before the input checks
+
+
+def enter(guard: Guard, owner: str = "alice", *, provider: str = "wavespeed", server: bool = True,
+          logged_in: bool = False):
+    return guard.enter(owner, provider=provider, uses_server_key=server, logged_in=logged_in)
+
+
+def test_a_place_holds_the_visitors_slot_while_inputs_are_checked(ledger, clock) -> None:
+    guard = Guard(settings(AVATAR_MAX_CONCURRENT_PER_VISITOR="1"), ledger, host=LOOPBACK, clock=clock)
+    place = enter(guard)
+    assert guard.running("alice") == 1 and guard.usage_today("alice").jobs == 0  # nothing reserved for the day
+    with pytest.raises(LimitReached, match=r"^You already have 1 video in progress; wait for one to finish\.$"):
+        enter(guard)
+    with pytest.raises(LimitReached, match="1 video in progress"):
+        admit(guard)
+    enter(guard, "bob").close()  # another visitor is not affected
+    ticket = place.admit(0.25)
+    assert guard.running("alice") == 1 and guard.usage_today("alice").jobs == 1  # the slot passed to the ticket
+    place.close()  # after admit: nothing to free
+    assert guard.running("alice") == 1
+    with pytest.raises(RuntimeError):
+        place.admit(0.25)
+    ticket.close()
+    assert guard.running("alice") == 0 and guard.usage_today("alice").jobs == 0  # never submitted: refunded
+
+
+def test_a_place_left_without_a_job_frees_the_slot(ledger, clock) -> None:
+    guard = Guard(settings(AVATAR_MAX_CONCURRENT_PER_VISITOR="1"), ledger, host=LOOPBACK, clock=clock)
+    with enter(guard) as place:
+        assert guard.running("alice") == 1
+    place.close()  # idempotent
+    assert guard.running("alice") == 0
+    run_job(guard)
+
+
+def test_a_place_refuses_before_the_price_what_needs_no_price(ledger, clock) -> None:
+    guard = Guard(settings(AVATAR_MAX_DAILY_JOBS_PER_VISITOR="1"), ledger, host=PUBLIC, clock=clock)
+    with pytest.raises(LimitReached, match="This server's keys are not open to visitors here"):
+        enter(guard)
+    run_job(guard, server=False)
+    with pytest.raises(LimitReached, match="You have made 1 video today"):
+        enter(guard, server=False)
+    enter(guard, provider="local", server=False).close()  # local previews do not count per day
+    assert guard.running("alice") == 0
+
+
+def test_the_price_rules_apply_when_the_place_is_admitted(ledger, clock) -> None:
+    guard = Guard(settings(AVATAR_DAILY_SPEND_CAP_USD="1"), ledger, host=LOOPBACK, clock=clock)
+    with enter(guard, provider="kling") as place:  # unknown price: only known once the audio is checked
+        with pytest.raises(LimitReached, match="price of this Kling model is not published"):
+            place.admit(None)
+        assert guard.running("alice") == 1  # still held until the place is closed
+    with enter(guard) as place:
+        with pytest.raises(LimitReached, match=r"daily budget for its own keys \(\$1.00\) is nearly used up"):
+            place.admit(1.5)
+    assert guard.running("alice") == 0 and guard.usage_today("alice").jobs == 0

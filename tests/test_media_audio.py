@@ -270,3 +270,31 @@ def test_five_minutes_decode_quickly(tmp_path, settings):
     res = check_audio(src, provider="kling", settings=settings)
     assert time.perf_counter() - t0 < 10
     assert res.path.stat().st_size <= 5 * 1024 * 1024
+
+
+def test_decoding_stops_past_the_limit_whatever_the_header_claims(tmp_path):
+    from tests.attack_media import lying_webm
+
+    src = lying_webm(tmp_path / "lie.webm", hold_s=900, claim_s=5)
+    assert audio_mod.probe(src).duration_s == pytest.approx(5.0)  # a real lie: the header says 5 s
+    t0 = time.perf_counter()
+    with pytest.raises(audio_mod.AudioTooLong) as exc:
+        audio_mod.decode(src, max_s=30.0)
+    assert time.perf_counter() - t0 < 2.0  # 30 s of Opus, not 900
+    assert exc.value.limit_s == 30.0 and "lie.webm is longer than 30 s" in exc.value.message
+    # Within the limit it decodes to the last sample, header or not.
+    seg = audio_mod.decode(src, max_s=1000.0)
+    assert len(seg) / 1000.0 == pytest.approx(900.0, abs=10.0)
+    assert len(seg.raw_data) == int(seg.frame_count()) * seg.frame_width
+
+
+def test_mono_samples_match_the_float_mix_of_every_channel(tmp_path):
+    seg = audio_mod.decode(mf.make_tone(tmp_path / "st.wav", "wav", 7.0, channels=2, sample_rate=44100))
+    monkey = audio_mod._BLOCK_FRAMES
+    try:
+        audio_mod._BLOCK_FRAMES = 1000  # many blocks, a short last one
+        blocked = audio_mod.mono_samples(seg)
+    finally:
+        audio_mod._BLOCK_FRAMES = monkey
+    np.testing.assert_allclose(blocked, audio_mod.samples(seg).mean(axis=1), atol=1e-6)
+    assert blocked.dtype == np.float32 and blocked.shape == (len(audio_mod.samples(seg)),)

@@ -101,7 +101,7 @@ def test_edges_of_the_limits_are_accepted(tmp_path, settings):
         assert (check_image(src, settings=settings).width, check_image(src, settings=settings).height) == size
 
 
-@pytest.mark.parametrize("side", [100_000, 9_000])  # over Pillow's own limit / only over ours (64 MP)
+@pytest.mark.parametrize("side", [100_000, 9_000])  # over Pillow's own limit / only over ours (30 MP)
 def test_decompression_bomb_header_is_refused_before_decoding(tmp_path, settings, side):
     src = mf.make_png_bomb(tmp_path / "bomb.png", side, side)
     t0 = time.perf_counter()
@@ -111,10 +111,45 @@ def test_decompression_bomb_header_is_refused_before_decoding(tmp_path, settings
 
 
 def test_pixel_limit_is_a_module_constant(tmp_path, settings, monkeypatch):
-    src = mf.make_image(tmp_path / "ok.jpg", "JPEG", (600, 600))
+    # A PNG: a JPEG over the limit is decoded at a smaller scale instead (next tests).
+    src = mf.make_image(tmp_path / "ok.png", "PNG", (600, 600))
     monkeypatch.setattr(image_mod, "MAX_PIXELS", 300 * 300)
-    with pytest.raises(InputError, match="too large"):
+    with pytest.raises(InputError, match=r"ok.png claims to be far too large \(600 x 600 px.*limit 0.09 megapixels"):
         check_image(src, settings=settings)
+
+
+def test_a_tiny_png_of_64_megapixels_is_refused_from_its_header(tmp_path, settings):
+    from tests.attack_media import tiny_huge_png
+
+    src = tiny_huge_png(tmp_path / "huge.png", 8000, 8000)  # fully decodable, about 200 KB
+    assert src.stat().st_size < 400_000
+    t0 = time.perf_counter()
+    with pytest.raises(InputError) as exc:
+        check_image(src, settings=settings)
+    assert time.perf_counter() - t0 < 1.0, "decoding 64 MP takes seconds; the header alone takes milliseconds"
+    assert exc.value.message == (
+        "The image huge.png claims to be far too large (8000 x 8000 px, 64 megapixels) to open safely "
+        "(limit 30 megapixels). Resize it to a few thousand pixels per side (for example 4000 x 3000) and try again."
+    )
+
+
+def test_a_jpeg_over_the_pixel_limit_is_decoded_at_a_smaller_scale(tmp_path, settings, monkeypatch):
+    src = mf.make_portrait(tmp_path / "big.jpg", "JPEG", scale=2.0)
+    with Image.open(src) as im:
+        full = im.size
+    monkeypatch.setattr(image_mod, "MAX_PIXELS", full[0] * full[1] // 3)  # 1/2 scale fits, full size does not
+    loaded = image_mod.load_image(src)
+    assert loaded.reduced and loaded.original_size == full
+    assert loaded.image.size == (-(-full[0] // 2), -(-full[1] // 2))
+    assert any(f"is {full[0]} x {full[1]} px" in w and "it was read at" in w for w in loaded.warnings)
+    check = check_image(src, settings=settings)
+    assert (check.width, check.height) == loaded.image.size and check.faces
+
+
+def test_a_png_just_under_the_pixel_limit_is_still_decoded(tmp_path, settings, monkeypatch):
+    src = mf.make_image(tmp_path / "ok.png", "PNG", (600, 600))
+    monkeypatch.setattr(image_mod, "MAX_PIXELS", 600 * 600)
+    assert (check_image(src, settings=settings).width, check_image(src, settings=settings).height) == (600, 600)
 
 
 def test_truncated_file(tmp_path, settings):
@@ -210,6 +245,24 @@ def test_12_megapixel_jpeg_is_checked(tmp_path, settings):
 def test_same_input_reuses_the_same_output_file(tmp_path, settings):
     src = mf.make_image(tmp_path / "a.jpg", "JPEG", (400, 400))
     assert check_image(src, settings=settings).path == check_image(src, settings=settings).path
+
+
+def test_a_heic_over_the_pixel_limit_is_refused_before_it_is_decoded(tmp_path, settings, monkeypatch):
+    from pillow_heif import as_plugin
+
+    from tests.corpus import heic
+
+    src = heic(tmp_path / "portrait.heic")
+    with Image.open(src) as im:
+        size = im.size
+    monkeypatch.setattr(image_mod, "MAX_PIXELS", size[0] * size[1] - 1)
+
+    def no_decoding(self):
+        raise AssertionError("the HEIC was decoded")
+
+    monkeypatch.setattr(as_plugin._LibHeifImageFile, "load", no_decoding)
+    with pytest.raises(InputError, match=rf"portrait.heic claims to be far too large \({size[0]} x {size[1]} px"):
+        check_image(src, settings=settings)
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])

@@ -191,3 +191,25 @@ def test_a_links_download_is_deleted_after_the_check_pass_or_fail(server, settin
     # The link's MP3 was written by us, not kept as downloaded (still fit to pass through).
     assert aud.passthrough_ok and aud.path.read_bytes() != server.routes["/voice.mp3"][2]
     assert ok.path.read_bytes() != server.routes["/face.jpg"][2]
+
+
+@pytest.mark.parametrize("trim, words", [
+    (False, "The audio is longer than 300 s. The local preview accepts at most 300 s: cut it into shorter parts "
+            "(or switch on silence trimming if it has long pauses at the ends)."),
+    (True, "The audio is longer than 360 s before trimming silence. The local preview accepts at most 300 s: "
+           "cut it into shorter parts."),
+])
+def test_a_lying_webm_is_refused_by_its_real_length(tmp_path, settings, trim, words):
+    from tests.attack_media import lying_webm
+
+    src = lying_webm(tmp_path / "lie.webm", hold_s=1200, claim_s=5)  # 20 min behind a 5 s header
+    with pytest.raises(InputError) as exc:
+        check_audio(src, provider="local", settings=settings, trim_silence=trim)
+    assert exc.value.message == words
+
+
+def test_a_recording_just_past_the_limit_is_still_cut_to_it(tmp_path, settings):
+    # Encoder padding (up to CODEC_PADDING_S) is cut, not refused: the decode cap leaves room for it.
+    src = mf.make_tone(tmp_path / "edge.wav", "wav", 300.05)
+    check = check_audio(src, provider="local", settings=settings)
+    assert check.duration_s == 300.0

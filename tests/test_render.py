@@ -266,3 +266,20 @@ def test_unreadable_inputs_are_input_errors(media, tmp_path):
         render_video(fake, media["short"], tmp_path / "out.mp4")
     assert not (tmp_path / "out.mp4").exists()
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_the_renderer_stops_reading_past_300_s(tmp_path):
+    import time
+
+    from avatar_core.media.audio import AUDIO_LIMITS
+    from avatar_core.render import soundtrack
+    from tests.attack_media import lying_webm
+
+    assert soundtrack.MAX_RENDER_S == AUDIO_LIMITS["local"].max_s == 300.0
+    src = lying_webm(tmp_path / "lie.webm", hold_s=1800, claim_s=5)  # 30 min behind a 5 s header
+    t0 = time.process_time()
+    with pytest.raises(InputError, match=r"^The audio is longer than 300 s; the local preview renders at most 300 s"):
+        soundtrack.measure_loudness(src, fps=25)
+    assert time.process_time() - t0 < 8.0  # about 300 s of Opus decoded, not 1800
+    short = lying_webm(tmp_path / "short.webm", hold_s=40, claim_s=5)
+    assert soundtrack.measure_loudness(short, fps=25).duration_s == pytest.approx(40, abs=1)  # the real length

@@ -77,8 +77,24 @@ MIN_TRIM_S = 0.3
 # Probing beyond the 300 s limit by this factor refuses a long file before decoding it.
 _PROBE_SLACK = 1.05
 
+# The longest sound any provider accepts. A container's own duration is only a claim (a
+# 3 MB WebM can say 5 s and hold an hour), so decoding itself stops past a limit.
+LONGEST_ALLOWED_S = max(limit.max_s for limit in AUDIO_LIMITS.values())
+# With silence trimming on, a recording may last this much longer before it is trimmed.
+MAX_TRIMMABLE_S = 60.0
+
 _FRIENDLY_CODECS = {"mp3float": "mp3", "mp3": "mp3", "aac": "aac", "aac_fixed": "aac", "flac": "flac",
                     "vorbis": "vorbis", "libvorbis": "vorbis", "opus": "opus", "libopus": "opus"}
+
+
+class AudioTooLong(InputError):
+    """Decoding went past ``limit_s``: the sound lasts longer, whatever its header says."""
+
+    def __init__(self, limit_s: float, name: str) -> None:
+        self.limit_s = limit_s
+        super().__init__(
+            f"The audio in {name} is longer than {limit_s:g} s. Cut it into parts of at most {limit_s:g} s."
+        )
 
 
 @dataclass(frozen=True)
@@ -176,11 +192,16 @@ def probe(path: str | os.PathLike) -> AudioInfo:
         )
 
 
-def decode(path: str | os.PathLike, *, sample_rate: int | None = None, mono: bool = False) -> AudioSegment:
+def decode(
+    path: str | os.PathLike, *, sample_rate: int | None = None, mono: bool = False, max_s: float | None = None
+) -> AudioSegment:
     """Decode the first audio stream to 16-bit PCM in a pydub AudioSegment (no ffmpeg binary).
 
     More than two channels are mixed down to stereo. ``sample_rate``/``mono`` resample
-    on the way (used by the loudness envelope).
+    on the way (used by the loudness envelope). With ``max_s``, decoding stops and
+    :class:`AudioTooLong` is raised as soon as more than ``max_s`` seconds have come out,
+    whatever the container claims, so memory and time stay bounded by ``max_s``.
+    The PCM grows in one buffer (no list of chunks joined at the end, no second copy).
     """
     path = Path(path)
     with _open(path) as container:
@@ -190,22 +211,29 @@ def decode(path: str | os.PathLike, *, sample_rate: int | None = None, mono: boo
         channels = 1 if mono else min(2, max(1, stream.codec_context.channels or 1))
         rate = sample_rate or stream.codec_context.sample_rate or 44100
         resampler = av.AudioResampler(format="s16", layout="mono" if channels == 1 else "stereo", rate=rate)
-        chunks: list[bytes] = []
+        frame_bytes = 2 * channels
+        cap = None if max_s is None else int(math.ceil(max_s * rate)) * frame_bytes
+        data = bytearray()
+
+        def take(out) -> None:
+            data.extend(memoryview(out.planes[0])[: out.samples * frame_bytes])
+            if cap is not None and len(data) > cap:
+                raise AudioTooLong(max_s, _name(path))
+
         decoded_frames = 0
         try:
             for frame in container.decode(stream):
                 decoded_frames += 1
                 for out in resampler.resample(frame):
-                    chunks.append(bytes(out.planes[0])[: out.samples * 2 * channels])
+                    take(out)
             for out in resampler.resample(None):
-                chunks.append(bytes(out.planes[0])[: out.samples * 2 * channels])
+                take(out)
         except av.error.FFmpegError as exc:
             if decoded_frames == 0:
                 raise InputError(
                     f"The audio in {_name(path)} is damaged and cannot be decoded. Export or record it again."
                 ) from exc
             # Damage after some good audio: keep what decoded (players do the same).
-    data = b"".join(chunks)
     if not data:
         raise InputError(f"The audio in {_name(path)} is damaged or empty: no sound could be decoded. Export it again.")
     return AudioSegment(data=data, sample_width=2, frame_rate=rate, channels=channels)
@@ -217,13 +245,36 @@ def samples(segment: AudioSegment) -> np.ndarray:
     return arr.reshape(-1, segment.channels)
 
 
+# Samples converted to float at a time by :func:`mono_samples` (about 1 MB of float32).
+_BLOCK_FRAMES = 1 << 18
+
+
+def mono_samples(segment: AudioSegment) -> np.ndarray:
+    """The mono mix as float32 in -1..1, shape (n_frames,), converted a block at a time.
+
+    Costs one float32 per frame (a quarter of :func:`samples` on stereo), never a float
+    copy of every channel of the whole clip.
+    """
+    pcm = np.frombuffer(segment.raw_data, dtype=np.int16).reshape(-1, segment.channels)
+    mono = np.empty(pcm.shape[0], dtype=np.float32)
+    for i in range(0, pcm.shape[0], _BLOCK_FRAMES):
+        block = pcm[i : i + _BLOCK_FRAMES].astype(np.float32)
+        mono[i : i + _BLOCK_FRAMES] = block.mean(axis=1) / 32768.0
+    return mono
+
+
 def _window_dbfs(segment: AudioSegment, window_s: float = SILENCE_WINDOW_S) -> np.ndarray:
-    mono = samples(segment).mean(axis=1)
+    mono = mono_samples(segment)
     n = max(1, int(segment.frame_rate * window_s))
     usable = (len(mono) // n) * n
     if usable == 0:
         return np.array([-math.inf])
-    rms = np.sqrt(np.mean(mono[:usable].reshape(-1, n) ** 2, axis=1))
+    windows = mono[:usable].reshape(-1, n)
+    rms = np.empty(windows.shape[0], dtype=np.float64)
+    step = max(1, _BLOCK_FRAMES // n)
+    for i in range(0, windows.shape[0], step):
+        block = windows[i : i + step].astype(np.float64)
+        rms[i : i + step] = np.sqrt(np.mean(block * block, axis=1))
     with np.errstate(divide="ignore"):
         return 20 * np.log10(rms)
 
@@ -303,8 +354,8 @@ def loudness_envelope(path: str | os.PathLike, fps: float) -> np.ndarray:
     """
     if fps <= 0:
         raise ValueError("fps must be positive")
-    seg = decode(path, sample_rate=16000, mono=True)
-    x = samples(seg)[:, 0]
+    seg = decode(path, sample_rate=16000, mono=True, max_s=LONGEST_ALLOWED_S + MAX_TRIMMABLE_S)
+    x = mono_samples(seg)
     n_frames = max(1, math.ceil(len(x) / 16000 * fps - 1e-9))
     edges = np.minimum(np.round(np.arange(n_frames + 1) * 16000 / fps).astype(np.int64), len(x))
     env = np.zeros(n_frames, dtype=np.float32)

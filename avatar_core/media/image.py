@@ -28,10 +28,15 @@ MIN_SIDE_PX = 300
 MAX_ASPECT = 2.5  # long side / short side, i.e. 1:2.5 .. 2.5:1
 MAX_OUTPUT_BYTES = 10 * 1024 * 1024
 
-# Decompression-bomb guard, checked on the header before any pixel is decoded. 64 MP is
-# above any phone camera in use (50 MP sensors) yet a 64 MP RGB image still fits in about
-# 200 MB of memory. A PNG claiming 100000x100000 px is refused here. Tests may lower it.
-MAX_PIXELS = 64_000_000
+# Decompression-bomb guard, checked on the header before any pixel is decoded. A check
+# costs about 10 bytes per pixel at its peak (decode, RGB copy, face search, encoding), so
+# 30 MP (a 24 MP camera's 6000 x 4000 with room to spare) keeps it near 300 MB; a 200 KB
+# PNG claiming 8000 x 8000 px (640 MB) is refused here. JPEGs up to 8x8 times larger (a
+# 50 MP phone photo) are decoded at 1/2, 1/4 or 1/8 scale instead (see REDUCED_JPEG_MAX),
+# which JPEG does cheaply while decoding. Tests may lower it.
+MAX_PIXELS = 30_000_000
+# JPEG scales libjpeg decodes to directly (1/2, 1/4, 1/8 of each side).
+_JPEG_SCALES = (2, 4, 8)
 
 # Formats Pillow may open. (Phones' multi-picture "MPO" JPEGs open through the JPEG plugin.)
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "HEIF")
@@ -58,6 +63,7 @@ class LoadedImage:
     rotated: bool  # an EXIF orientation other than "normal" was applied
     original_mode: str = "RGB"  # Pillow mode in the file: "RGB", "RGBA", "CMYK", "P", ...
     warnings: list[str] = field(default_factory=list)
+    reduced: bool = False  # a JPEG over MAX_PIXELS decoded at 1/2, 1/4 or 1/8 scale
 
 
 @dataclass(frozen=True)
@@ -105,8 +111,20 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
             fmt = (im.format or "").upper()
             original_size = im.size
             original_mode = im.mode
+            reduced = False
             if im.width * im.height > MAX_PIXELS:
-                raise _bomb_error(path, im.size)
+                scale = _jpeg_scale(fmt, im.size)
+                if scale is None:
+                    raise _bomb_error(path, im.size)
+                # Decode straight to a smaller size: only the reduced pixels are ever held.
+                im.draft("RGB", (-(-im.width // scale), -(-im.height // scale)))
+                if im.width * im.height > MAX_PIXELS:  # pragma: no cover - libjpeg always reduces
+                    raise _bomb_error(path, original_size)
+                reduced = True
+                notes.append(
+                    f"The photo is {original_size[0]} x {original_size[1]} px ({_mp(original_size)} MP); it was read at "
+                    f"{im.width} x {im.height} px, above what any provider uses, to keep the check fast."
+                )
             if getattr(im, "n_frames", 1) > 1:
                 im.seek(0)
                 if fmt in ("GIF", "WEBP", "PNG"):
@@ -133,14 +151,30 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
         rotated=orientation not in (1, None),
         original_mode=original_mode,
         warnings=notes,
+        reduced=reduced,
     )
 
 
+def _mp(size: tuple[int, int]) -> str:
+    return f"{size[0] * size[1] / 1e6:.0f}"
+
+
+def _jpeg_scale(fmt: str, size: tuple[int, int]) -> int | None:
+    """The smallest 1/n scale libjpeg decodes a JPEG of ``size`` to within MAX_PIXELS, or None."""
+    if fmt not in ("JPEG", "MPO"):
+        return None
+    for scale in _JPEG_SCALES:
+        if (-(-size[0] // scale)) * (-(-size[1] // scale)) <= MAX_PIXELS:
+            return scale
+    return None
+
+
 def _bomb_error(path: Path, size: tuple[int, int] | None = None) -> InputError:
-    dims = f" ({size[0]} x {size[1]} px)" if size else ""
+    dims = f" ({size[0]} x {size[1]} px, {_mp(size)} megapixels)" if size else ""
     return InputError(
         f"The image {_name(path)} claims to be far too large{dims} to open safely "
-        f"(limit {MAX_PIXELS // 1_000_000} megapixels). Resize it to a few thousand pixels per side and try again."
+        f"(limit {MAX_PIXELS / 1_000_000:g} megapixels). Resize it to a few thousand pixels per side "
+        "(for example 4000 x 3000) and try again."
     )
 
 

@@ -278,6 +278,7 @@ def _check_image_file(path: Path, url: str | None, settings: Settings) -> ImageC
         and loaded.original_format in ("JPEG", "PNG")
         and loaded.original_mode in ("RGB", "L")
         and not loaded.rotated
+        and not loaded.reduced
         and not encoded.downscaled
         and loaded.original_bytes <= _image.MAX_OUTPUT_BYTES
     )
@@ -359,7 +360,12 @@ def _check_audio_file(path: Path, url: str | None, limits: _audio.AudioLimits, p
     if not trim_silence and info.duration_s is not None and info.duration_s > limits.max_s * 1.05:
         raise _too_long(info.duration_s, limits, provider, trim_silence)
 
-    segment = _audio.decode(path)
+    # The header's duration is only a claim: decoding itself stops just past what could pass.
+    decode_max_s = limits.max_s + (_audio.MAX_TRIMMABLE_S if trim_silence else CODEC_PADDING_S)
+    try:
+        segment = _audio.decode(path, max_s=decode_max_s)
+    except _audio.AudioTooLong:
+        raise _longer_than(limits, provider, trim_silence) from None
     original_s = len(segment) / 1000.0
     if _audio.is_silent(segment):
         raise InputError(
@@ -455,6 +461,19 @@ def _provider_name(provider: str) -> str:
     from ..providers import LABELS
 
     return "The local preview" if provider == "local" else LABELS.get(provider, provider)
+
+
+def _longer_than(limits: _audio.AudioLimits, provider: str, trimming: bool) -> InputError:
+    """The sound went on past the longest that could pass (its length is not known: decoding stopped)."""
+    if trimming:
+        return InputError(
+            f"The audio is longer than {limits.max_s + _audio.MAX_TRIMMABLE_S:g} s before trimming silence. "
+            f"{_provider_name(provider)} accepts at most {limits.max_s:g} s: cut it into shorter parts."
+        )
+    return InputError(
+        f"The audio is longer than {limits.max_s:g} s. {_provider_name(provider)} accepts at most "
+        f"{limits.max_s:g} s: cut it into shorter parts (or switch on silence trimming if it has long pauses at the ends)."
+    )
 
 
 def _too_long(seconds: float, limits: _audio.AudioLimits, provider: str, trimming: bool) -> InputError:

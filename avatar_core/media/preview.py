@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .audio import AudioSegment, samples
+from .audio import AudioSegment, mono_samples
 from .face import FaceBox
 
 # The UI shows previews at most about 1000 px wide; a full 12 MP copy would only cost
@@ -59,7 +59,7 @@ def waveform_image(segment: AudioSegment, *, size: tuple[int, int] = WAVEFORM_SI
     w, h = size
     img = Image.new("RGB", size, (250, 250, 252))
     draw = ImageDraw.Draw(img)
-    x = samples(segment).mean(axis=1)
+    x = mono_samples(segment)
     mid = h / 2
     draw.line((0, mid, w, mid), fill=(200, 200, 210))
     if len(x):

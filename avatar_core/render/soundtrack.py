@@ -20,6 +20,7 @@ import av
 import numpy as np
 
 from ..errors import InputError, JobCancelled
+from ..media.audio import AUDIO_LIMITS
 
 # AAC at 48 kHz plays in every browser, and 48000 is a whole multiple of 24, 25, 30 and 48
 # frames per second, so video frames fall on whole audio samples.
@@ -33,6 +34,10 @@ AAC_FRAME_SAMPLES = 1024
 MEASURE_RATE = 16_000
 
 _UNREADABLE = "Use an MP3, WAV, M4A or AAC file."
+# The longest voice a render reads: the longest any provider accepts, plus encoder padding.
+# Reading stops here whatever the file's header claims (a header may say 5 s of an hour).
+MAX_RENDER_S = AUDIO_LIMITS["local"].max_s
+_MAX_RENDER_SLACK_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -86,16 +91,19 @@ def _decoded(source: av.container.InputContainer, stream: av.audio.stream.AudioS
         raise InputError(f"The audio file could not be decoded ({type(exc).__name__}). {_UNREADABLE}") from exc
 
 
-def measure_loudness(path: str | Path, *, fps: int, cancel: threading.Event | None = None) -> Loudness:
+def measure_loudness(path: str | Path, *, fps: int, cancel: threading.Event | None = None,
+                     max_s: float = MAX_RENDER_S) -> Loudness:
     """One streaming pass over ``path``: its duration and the RMS of each 1/fps slice.
 
     The RMS of frame ``i`` covers ``[i / fps, (i + 1) / fps)``; the video has
     ``round(duration * fps)`` frames (at least one). Raises InputError when the audio
-    cannot be decoded or holds no samples, JobCancelled when ``cancel`` is set.
+    cannot be decoded, holds no samples or goes on past ``max_s`` seconds (reading stops
+    there), JobCancelled when ``cancel`` is set.
     """
     source, stream = open_audio(path)
     sums = np.zeros(4096, dtype=np.float64)  # sum of squares per video frame, grown as needed
     seen = 0
+    most = int((max_s + _MAX_RENDER_SLACK_S) * MEASURE_RATE)
     try:
         resampler = av.AudioResampler(format="flt", layout="mono", rate=MEASURE_RATE)
         for frame in _decoded(source, stream, resampler, cancel):
@@ -108,6 +116,11 @@ def measure_loudness(path: str | Path, *, fps: int, cancel: threading.Event | No
                 sums = np.concatenate([sums, np.zeros(max(need - sums.shape[0], sums.shape[0]))])
             sums[:need] += np.bincount(idx, weights=mono * mono, minlength=need)[:need]
             seen += mono.size
+            if seen > most:
+                raise InputError(
+                    f"The audio is longer than {max_s:g} s; the local preview renders at most {max_s:g} s. "
+                    "Cut it into shorter parts."
+                )
     finally:
         source.close()
     if seen == 0:
