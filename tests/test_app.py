@@ -201,6 +201,13 @@ def test_segmind_with_the_servers_key(served):
     _assert_playable_mp4_as_long_as_the_audio(_video_path(video))
 
 
+def _audio_seconds_of(data: bytes) -> float:
+    import io
+
+    with av.open(io.BytesIO(data)) as c:
+        return sum(f.samples for f in c.decode(audio=0)) / c.streams.audio[0].rate
+
+
 def test_links_instead_of_files_are_checked_then_the_checked_files_are_uploaded(served, files_url):
     # Behaviour changed on purpose (issue 14.4): links that needed no conversion used to go
     # to the provider as given; a link may serve the provider other bytes than it served the
@@ -220,8 +227,11 @@ def test_links_instead_of_files_are_checked_then_the_checked_files_are_uploaded(
         # The upload is the checked copy the app made in its inputs folder, byte for byte.
         checked = served.out_dir / "inputs" / stored.filename
         assert checked.is_file() and stored.data == checked.read_bytes()
-    # An MP3 that needed no conversion is the linked file itself.
-    assert served.emu.files[submit.json["audio"].split("/")[-2]].data == AUDIO.read_bytes()
+    # A link's bytes are never kept or sent as they came (issue 14.2): even an MP3 that
+    # needed no conversion is our re-encode, as long as the linked voice.
+    sent_audio = served.emu.files[submit.json["audio"].split("/")[-2]].data
+    assert sent_audio != AUDIO.read_bytes()
+    assert abs(_audio_seconds_of(sent_audio) - _audio_seconds_of(AUDIO.read_bytes())) <= 0.1
     assert submit.json.get("prompt") == "smiles"
     assert len(served.emu.requests.to("PUT", r"^/emulator/uploads/")) == 2
     _assert_playable_mp4_as_long_as_the_audio(_video_path(video))

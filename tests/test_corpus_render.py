@@ -178,6 +178,18 @@ async def test_every_recording_format_renders_in_the_local_preview(corpus, fmt, 
     assert sound_level_dbfs(path) > -40, f"the {fmt} speech is missing from the video"
 
 
+@pytest.mark.slow
+async def test_a_75_second_browser_recording_renders_in_the_local_preview(corpus, tmp_path):
+    """An ordinary length for a pitch, as a browser microphone saves it (WebM/Opus, no
+    duration in its header): far past the old ~10 s failure, checked frame by frame."""
+    source = corpus.speech(75, "webm")
+    path, prepared = await render_locally(PORTRAIT, source, _settings(tmp_path))
+    assert abs(prepared.audio.duration_s - 75) <= 0.1
+    report = check_mp4(path, 75.0)
+    assert len(report.video_pts) == round(75.0 * report.fps)
+    assert sound_level_dbfs(path) > -40
+
+
 # ================================================================== 2. the hosted providers
 
 KLING_ACCESS, KLING_SECRET = "ak-corpus-1", "sk-corpus-secret-1"
