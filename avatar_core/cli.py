@@ -15,7 +15,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from .config import key_values, load_settings, redact
 from .errors import AvatarError
@@ -138,7 +138,7 @@ def _out_problem(out: Path | None) -> str | None:
     out = Path(out)
     if out.is_dir():
         return f"error: cannot write the video to {out}: it is a folder; give a file name ending in .mp4"
-    if out.exists() and not (out.is_file() and os.access(out, os.W_OK)) or str(out.resolve()).startswith(
+    if (out.exists() and not (out.is_file() and os.access(out, os.W_OK))) or str(out.resolve()).startswith(
             ("/proc/", "/sys/", "/dev/")):
         return f"error: cannot write the video to {out}; choose a file in a folder you can write to"
     return None

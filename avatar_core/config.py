@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from dotenv import dotenv_values
 
@@ -104,7 +104,7 @@ _AUTH_HEADER = re.compile(
 _BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]{6,}")
 
 
-def redact(text: str, secrets: "Sequence[str | None]") -> str:
+def redact(text: str, secrets: Sequence[str | None]) -> str:
     """``text`` with every secret (4+ characters) replaced by ****, longest first, and
     anything shaped like a derived credential (a JWT, an Authorization header's value,
     a Bearer token) as well."""
@@ -130,7 +130,7 @@ def key_problem(key: str) -> str | None:
     return None
 
 
-def key_values(settings: "Settings") -> list[str]:
+def key_values(settings: Settings) -> list[str]:
     """Every configured key, for redaction; a key made of two parts (fal.ai's ``id:secret``,
     a user's Kling ``ACCESS:SECRET``) also by each part, so an echo of either half is caught."""
     out: list[str] = []
@@ -196,7 +196,7 @@ class Settings:
             return False
         return all(bool(getattr(self, n)) for n in names)
 
-    def with_key(self, provider: str, api_key: str | None) -> "Settings":
+    def with_key(self, provider: str, api_key: str | None) -> Settings:
         """A copy where the user's own key replaces the configured one.
 
         For Kling, ``api_key`` is ``"ACCESS_KEY:SECRET_KEY"``.

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any
+from collections.abc import Mapping
 
 
 @dataclass(frozen=True)
@@ -83,4 +84,4 @@ class FailedEvent:
     elapsed: float = 0.0
 
 
-JobEvent = Union[Uploading, Submitted, QueuedEvent, ProcessingEvent, Downloading, Done, FailedEvent]
+JobEvent = Uploading | Submitted | QueuedEvent | ProcessingEvent | Downloading | Done | FailedEvent

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Mapping
+from collections.abc import Mapping
 
 # Published averages (Segmind's avatar pages, November 2026); the other hosts run the same
 # model and publish nothing better. Used until the store has seen jobs of our own.
@@ -83,7 +83,7 @@ class PollSchedule:
         return max(self.floor_s, min(self.ceiling_s, value))
 
     @classmethod
-    def for_job(cls, provider: str, tier: str, *, typical_s: float | None = None) -> "PollSchedule":
+    def for_job(cls, provider: str, tier: str, *, typical_s: float | None = None) -> PollSchedule:
         if provider == "local":
             # An in-process render: reading its progress costs nothing.
             return cls(typical_s=typical_s or 10.0, fast_interval_s=0.25, floor_s=0.1, ceiling_s=0.5, first_poll_s=0.1)

@@ -21,7 +21,7 @@ import time
 import wave
 import zlib
 from pathlib import Path
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -199,7 +199,7 @@ class EmulatorProcess:
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
-    def __enter__(self) -> "EmulatorProcess":
+    def __enter__(self) -> EmulatorProcess:
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         line = self.proc.stdout.readline().strip()
         if not line.startswith("http://"):

@@ -27,7 +27,7 @@ from skimage import data
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from avatar_core.render import render_video  # noqa: E402
+from avatar_core.render import render_video
 
 RENDER_SECONDS = 10.0  # long enough to average out start-up, short enough to keep the bench quick
 RENDER_TARGET = 2.0  # seconds of 720p video per second of wall time

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _support import (  # noqa: E402
+from _support import (
     EmulatorProcess,
     SharedClock,
     bench_settings,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _support import ROOT, free_port, machine_line, print_table, stop_process, write_figures  # noqa: E402
+from _support import ROOT, free_port, machine_line, print_table, stop_process, write_figures
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
 
                 pw = sync_playwright().start()
                 browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-            except Exception as exc:  # noqa: BLE001 - the browser column is optional
+            except Exception as exc:
                 print(f"(no browser: {exc})")
         try:
             for _ in range(args.runs):

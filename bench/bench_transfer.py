@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _support import EmulatorProcess, machine_line, peak_rss_mb, print_table, verdict, write_figures  # noqa: E402
+from _support import EmulatorProcess, machine_line, peak_rss_mb, print_table, verdict, write_figures
 
 GROWTH_TARGET_MB = 32.0
 UPLOAD_BYTES = 50 * 1000 * 1000  # 50 MB: WaveSpeed's audio limit is 50 MiB, so this fits

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _support import machine_line, print_table, verdict  # noqa: E402
+from _support import machine_line, print_table, verdict
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = {

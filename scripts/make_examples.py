@@ -176,14 +176,14 @@ def draw_portrait() -> Image.Image:
     for side in (-1, 1):
         ex = cx + side * eye_dx
         ew, eh = fw * 0.20, fh * 0.065
-        img = _blend(img, (235, 230, 225), _soft_shape((w, h), lambda d, ex=ex: d.ellipse(
+        img = _blend(img, (235, 230, 225), _soft_shape((w, h), lambda d, ex=ex, ew=ew, eh=eh: d.ellipse(
             (ex - ew, eye_y - eh, ex + ew, eye_y + eh)), 1.2))
         r = eh * 1.05
-        img = _blend(img, (70, 48, 30), _soft_shape((w, h), lambda d, ex=ex: d.ellipse(
+        img = _blend(img, (70, 48, 30), _soft_shape((w, h), lambda d, ex=ex, r=r: d.ellipse(
             (ex - r, eye_y - r, ex + r, eye_y + r)), 1))
-        img = _blend(img, (15, 10, 8), _soft_shape((w, h), lambda d, ex=ex: d.ellipse(
+        img = _blend(img, (15, 10, 8), _soft_shape((w, h), lambda d, ex=ex, r=r: d.ellipse(
             (ex - r * 0.45, eye_y - r * 0.45, ex + r * 0.45, eye_y + r * 0.45)), 0.8))
-        img = _blend(img, (250, 250, 250), _soft_shape((w, h), lambda d, ex=ex: d.ellipse(
+        img = _blend(img, (250, 250, 250), _soft_shape((w, h), lambda d, ex=ex, r=r: d.ellipse(
             (ex + r * 0.2, eye_y - r * 0.5, ex + r * 0.45, eye_y - r * 0.25)), 0.5))
 
     # Nose: a lit bridge, a shadow on one side and two nostrils.

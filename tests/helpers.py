@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-from pathlib import Path
 
 from tests.mp4check import check_mp4, inspect_mp4  # noqa: F401 (shared with every test)
 

@@ -273,7 +273,7 @@ class LocalServer:
     def url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def __enter__(self) -> "LocalServer":
+    def __enter__(self) -> LocalServer:
         self._thread.start()
         return self
 

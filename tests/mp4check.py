@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -59,7 +60,7 @@ class Mp4Report:
                 next_t = t + spacing_s
         if len(picked) < 2:
             return 0.0
-        diffs = [float(np.abs(a - b).mean()) for a, b in zip(picked, picked[1:])]
+        diffs = [float(np.abs(a - b).mean()) for a, b in itertools.pairwise(picked)]
         return sum(d > min_diff for d in diffs) / len(diffs)
 
 

@@ -325,14 +325,14 @@ def test_links_to_local_and_private_addresses_through_the_cli(good, files, tmp_p
 
 
 # The CLI with the same seam as the `public_host` fixture, set up before main() runs.
-_CLI_WITH_PUBLIC_HOST = f"""
+_CLI_WITH_PUBLIC_HOST = """
 import sys
 import test_bad_input as t
 import avatar_core.media.inputs as inputs_mod
 from avatar_core.media import fetch as fetch_mod
 from avatar_core.media.inputs import LINK_ONLY_WEB
 real = fetch_mod.fetch
-inputs_mod.fetch = lambda url, **kw: real(url, **{{**kw, "resolver": t.fake_resolver, "transport": t.pinned_transport()}})
+inputs_mod.fetch = lambda url, **kw: real(url, **{**kw, "resolver": t.fake_resolver, "transport": t.pinned_transport()})
 from avatar_core.cli import main
 sys.exit(main(sys.argv[1:]))
 """

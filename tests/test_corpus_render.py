@@ -268,7 +268,7 @@ def sent_files(emu, provider: str) -> dict[str, tuple[str | None, bytes]]:
         parts = {}
         for request in files:
             (part,) = [p for p in request.form if p.name == "content"]
-            parts[part.content_type.startswith("image/") and "image" or "audio"] = (part.content_type, part.data)
+            parts[(part.content_type.startswith("image/") and "image") or "audio"] = (part.content_type, part.data)
         assert set(parts) == {"image", "audio"}
         assert submit["image"].startswith(emu.url + "/v1/files/") and submit["audio"].startswith(emu.url + "/v1/files/")
         return parts

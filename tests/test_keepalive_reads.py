@@ -46,7 +46,7 @@ class ScriptedServer:
         self.requests: list[tuple[int, str, dict[str, str]]] = []  # (connection no., request line, headers)
         self.server = None
 
-    async def __aenter__(self) -> "ScriptedServer":
+    async def __aenter__(self) -> ScriptedServer:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         return self
 

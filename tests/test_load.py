@@ -97,7 +97,7 @@ def test_fifty_visitors_at_once(tmp_path):
                                             provider="wavespeed", tier="standard", prompt=f"visitor {i}",
                                             api_key="", api_name="/generate")
                     results[i] = job.result(timeout=JOB_TIMEOUT_S)
-                except Exception as exc:  # noqa: BLE001 - reported per visitor below
+                except Exception as exc:
                     results[i] = exc
 
             threads = [threading.Thread(target=visit, args=(i,)) for i in range(VISITORS)]

@@ -106,7 +106,7 @@ async def test_wavespeed_end_to_end(emu, settings, inputs, tier, tmp_path):
     # The row tells the whole story.
     row = store.get("wavespeed", done.request_id)
     assert row.status == "completed" and row.model == model and row.tier == tier
-    assert [c.status for c in row.status_history][0] == "submitted"
+    assert row.status_history[0].status == "submitted"
 
 
 @pytest.mark.parametrize("tier", ["standard", "pro"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+from typing import ClassVar
 from dataclasses import replace
 
 import pytest
@@ -27,9 +28,9 @@ KEY = "ws-download-guard-key-5p"
 class _Target(http.server.BaseHTTPRequestHandler):
     """Stands for a cloud metadata service: answers a PNG and records every request."""
 
-    seen: list[str] = []
+    seen: ClassVar[list[str]] = []
 
-    def do_GET(self):  # noqa: N802 - stdlib name
+    def do_GET(self):
         type(self).seen.append(self.path)
         body = b"\x89PNG\r\n\x1a\nsecret-instance-credentials"
         self.send_response(200)

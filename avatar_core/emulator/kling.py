@@ -29,7 +29,8 @@ import base64
 import binascii
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jwt
 

@@ -32,9 +32,10 @@ import time
 import traceback
 import urllib.parse
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from .video import VideoCache, VideoMaker, default_video_maker
 
@@ -396,7 +397,7 @@ class Job:
 
     @property
     def created_at_iso(self) -> str:
-        return datetime.fromtimestamp(self.created_wall, timezone.utc).isoformat(timespec="milliseconds").replace(
+        return datetime.fromtimestamp(self.created_wall, UTC).isoformat(timespec="milliseconds").replace(
             "+00:00", "Z"
         )
 
@@ -427,7 +428,7 @@ class Route:
     method: str
     pattern: re.Pattern
     handler: Handler
-    protocol: "Protocol | None"
+    protocol: Protocol | None
 
 
 class Protocol:
@@ -438,7 +439,7 @@ class Protocol:
     #: Paths starting with these belong to this protocol (404/405 bodies in its shape).
     prefixes: tuple[str, ...] = ()
 
-    def __init__(self, emulator: "Emulator") -> None:
+    def __init__(self, emulator: Emulator) -> None:
         self.emu = emulator
 
     def routes(self) -> list[tuple[str, str, Handler]]:
@@ -497,7 +498,7 @@ DEFAULT_MESSAGES = {
 class Context:
     """What a handler gets: the request, the route's match, and the emulator."""
 
-    emu: "Emulator"
+    emu: Emulator
     request: RecordedRequest
     match: re.Match
     protocol: Protocol | None
@@ -523,7 +524,7 @@ class _QuietServer(ThreadingHTTPServer):
     # Many clients connecting at once (load tests, 200-job benches); the default backlog
     # of 5 drops connections.
     request_queue_size = 1024
-    emulator: "Emulator"
+    emulator: Emulator
 
     def handle_error(self, request, client_address) -> None:
         # A client that hangs up mid-answer (fault tests, Stop, a size cap) leaves bytes in
@@ -544,7 +545,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server: _QuietServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def _handle(self) -> None:
@@ -699,7 +700,7 @@ class Emulator:
             self._routes.append(Route(method.upper(), re.compile(pattern), handler, proto))
         return proto
 
-    def start(self) -> "Emulator":
+    def start(self) -> Emulator:
         """Bind and serve in a background thread (idempotent)."""
         if self._server is not None:
             return self
@@ -732,7 +733,7 @@ class Emulator:
         finally:
             self.stop()
 
-    def __enter__(self) -> "Emulator":
+    def __enter__(self) -> Emulator:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -908,7 +909,7 @@ class Emulator:
 
             with av.open(str(path)) as container:
                 return path.stat().st_size, round(container.duration / 1_000_000, 3)
-        except Exception:  # noqa: BLE001 - the video URL itself reports a failed render
+        except Exception:
             return None, None
 
     def video_response(self, job: Job, head: bool = False) -> Response:
@@ -1130,7 +1131,7 @@ class Emulator:
             if chunked:
                 h.wfile.write(b"0\r\n\r\n")
             h.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout):
+        except (TimeoutError, BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
             h.close_connection = True
 
 

@@ -18,9 +18,10 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, ClassVar
+from collections.abc import Callable
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 VideoMaker = Callable[[Path, Path, Path, str], None]
 
 # Two workers for two cores: one slow real render does not hold up cheap ones.
@@ -132,7 +133,7 @@ class VideoCache:
     """
 
     _lock = threading.Lock()
-    _futures: dict[Any, Future] = {}
+    _futures: ClassVar[dict[Any, Future]] = {}
     _executor: ThreadPoolExecutor | None = None
     _dir: Path | None = None
 

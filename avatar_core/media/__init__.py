@@ -38,7 +38,7 @@ _EXPORTS = {
     "detect_faces": "face",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 - the names of the lazy exports below
 
 
 def __getattr__(name: str) -> Any:

@@ -28,7 +28,7 @@ class FaceBox:
         return self.w * self.h
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cascade(name: str) -> cv2.CascadeClassifier:
     clf = cv2.CascadeClassifier(cv2.data.haarcascades + name)
     if clf.empty():  # pragma: no cover - a broken OpenCV install

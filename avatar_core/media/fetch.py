@@ -23,7 +23,7 @@ import ipaddress
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import unquote
 
 import httpcore
@@ -171,7 +171,7 @@ class _AsyncCheckedBackend(httpcore.AsyncNetworkBackend):
         self._resolver = resolver
         self._trusted = trusted
 
-    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):  # noqa: ASYNC109 - httpcore's signature
         if (str(host).lower(), port) in self._trusted:
             return await self._inner.connect_tcp(host, port, timeout=timeout, local_address=local_address,
                                                  socket_options=socket_options)

@@ -15,7 +15,8 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Literal, Mapping, Protocol, TypeVar, Union, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import httpx
 
@@ -128,7 +129,7 @@ class Failed:
     cancelled: bool = False
 
 
-JobStatus = Union[Queued, Processing, Completed, Failed]
+JobStatus = Queued | Processing | Completed | Failed
 
 
 @dataclass(frozen=True)
@@ -572,20 +573,20 @@ def require(mapping: Any, key: str, provider: HttpProvider, request_id: str | No
 
 
 __all__ = [
+    "MODEL_IDS",
+    "PROVIDER_IDS",
+    "TIERS",
+    "VERSIONS",
     "AvatarError",
     "Completed",
     "Failed",
     "HttpProvider",
     "JobHandle",
     "JobStatus",
-    "MODEL_IDS",
-    "PROVIDER_IDS",
     "Processing",
     "Provider",
     "Queued",
     "SubmitRequest",
-    "TIERS",
-    "VERSIONS",
     "model_id",
     "raise_for_status",
 ]

@@ -14,7 +14,8 @@ what every provider shares.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import httpx

@@ -19,7 +19,8 @@ import asyncio
 import os
 import ssl
 import time
-from typing import Iterable, Mapping, NamedTuple
+from typing import NamedTuple
+from collections.abc import Iterable, Mapping
 from urllib.parse import urlencode, urlsplit
 
 import h11
@@ -55,7 +56,7 @@ class _Prepared(NamedTuple):
 
 
 class _Connection:
-    __slots__ = ("reader", "writer", "http", "idle_since")
+    __slots__ = ("http", "idle_since", "reader", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
@@ -117,7 +118,7 @@ class KeepAliveReads:
         except _StaleConnection as exc:
             raise httpx.RemoteProtocolError("Server disconnected without sending a response.") from exc
 
-    def _prepare(self, url: str, params, headers) -> "_Prepared":
+    def _prepare(self, url: str, params, headers) -> _Prepared:
         """Everything about a GET that does not change from one poll to the next."""
         full = url if "://" in url else self.base_url + url
         if params:
@@ -174,7 +175,7 @@ class KeepAliveReads:
                 self._connect_timeout,
                 asyncio.open_connection(host, port, ssl=tls, server_hostname=host if tls else None, limit=_READ_SIZE),
             )
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise httpx.ConnectTimeout("Timed out while connecting.") from exc
         except (OSError, ssl.SSLError) as exc:  # refused, unreachable, name lookup, certificate
             raise httpx.ConnectError(f"{type(exc).__name__}: {exc}") from exc
@@ -182,10 +183,10 @@ class KeepAliveReads:
 
     # -- one request and its reply ---------------------------------------------------
 
-    async def _exchange(self, conn: _Connection, prepared: "_Prepared") -> httpx.Response:
+    async def _exchange(self, conn: _Connection, prepared: _Prepared) -> httpx.Response:
         try:
             head, body, received_any = await _within(self._read_timeout, self._roundtrip(conn, prepared.request))
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             conn.close()
             raise httpx.ReadTimeout("Timed out while reading the reply.") from exc
         except BaseException:

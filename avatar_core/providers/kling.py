@@ -18,7 +18,8 @@ import base64
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import httpx
 import jwt

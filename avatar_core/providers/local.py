@@ -19,7 +19,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -57,7 +57,7 @@ class _Job:
     result: RenderResult | None = None
     error: str | None = None
     cancelled: bool = False
-    queue: "_RenderQueue | None" = None  # where it waits, to tell its place in line
+    queue: _RenderQueue | None = None  # where it waits, to tell its place in line
     lock: threading.Lock = field(default_factory=threading.Lock)  # guards queued -> started/cancelled
 
 
@@ -263,7 +263,7 @@ class LocalProvider:
         """Nothing to close. Renders still running keep going (like a hosted job after the
         client disconnects) and stay reachable through any LocalProvider of this process."""
 
-    async def __aenter__(self) -> "LocalProvider":
+    async def __aenter__(self) -> LocalProvider:
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -6,4 +6,4 @@ it is a preview of framing and timing, not a substitute for a Kling AI Avatar re
 
 from .video import NO_FACE_NOTE, RenderResult, TIER_BOX, output_size, render_video
 
-__all__ = ["NO_FACE_NOTE", "RenderResult", "TIER_BOX", "output_size", "render_video"]
+__all__ = ["NO_FACE_NOTE", "TIER_BOX", "RenderResult", "output_size", "render_video"]
