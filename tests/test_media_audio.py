@@ -316,17 +316,32 @@ def test_a_faster_rate_than_48_khz_is_resampled_while_decoding(tmp_path, rate):
     assert _dominant_hz(seg) == pytest.approx(1000.0, abs=2.0)  # the same sound, not sped up or slowed down
 
 
-def test_flacs_highest_rate_decodes_to_48_khz_and_the_cap_is_still_in_seconds(tmp_path):
+def test_the_fastest_studio_rate_decodes_to_48_khz_and_the_cap_is_still_in_seconds(tmp_path):
     from tests.attack_media import high_rate_flac
 
-    src = high_rate_flac(tmp_path / "fast.flac", 655350, 3.0)
-    assert audio_mod.probe(src).sample_rate == 655350
+    src = high_rate_flac(tmp_path / "fast.flac", 384000, 3.0)
+    assert audio_mod.probe(src).sample_rate == 384000
     seg = audio_mod.decode(src, max_s=5.0)
     assert seg.frame_rate == 48000 and seg.channels == 2
     assert len(seg) / 1000.0 == pytest.approx(3.0, abs=0.1)
     assert not audio_mod.is_silent(seg)
     with pytest.raises(audio_mod.AudioTooLong):  # 3 s of it is more than 2 s, whatever the rate
         audio_mod.decode(src, max_s=2.0)
+
+
+def test_a_rate_faster_than_any_recorder_is_refused_before_decoding(tmp_path, settings):
+    from tests.attack_media import high_rate_flac
+
+    src = high_rate_flac(tmp_path / "fast.flac", 655350, 20.0)  # FLAC's highest rate
+    t0 = time.process_time()
+    with pytest.raises(InputError) as exc:
+        audio_mod.decode(src)
+    assert time.process_time() - t0 < 0.2  # from the header: resampling 20 s of it takes about as long
+    assert exc.value.message == ("The audio in fast.flac is sampled at 655350 Hz, faster than any recorder makes "
+                                 "(at most 384000 Hz). Export it again at 48 kHz or 44.1 kHz.")
+    with pytest.raises(InputError, match="sampled at 655350 Hz"):
+        check_audio(src, settings=settings)
+    assert not list((settings.output_dir / "inputs").glob("audio-*"))  # nothing written for it
 
 
 @pytest.mark.parametrize("rate", [8000, 16000, 22050, 44100, 48000])

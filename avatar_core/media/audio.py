@@ -79,6 +79,10 @@ MIN_TRIM_S = 0.3
 # anything faster to this (48 kHz is more than speech needs, and what video players use).
 # 44.1 kHz, 48 kHz and slower recordings keep their own rate.
 MAX_SAMPLE_RATE = 48_000
+# The fastest source rate decoded at all: 384 kHz is the top of studio converters (DXD is
+# 352.8 kHz). Resampling costs time per source sample, so FLAC's 655350 Hz (or a WavPack
+# header's any rate) would make a 100 KB file cost seconds of CPU; it is refused instead.
+MAX_SOURCE_RATE = 384_000
 # A decoded voice has at most this many channels: more are mixed down to stereo.
 MAX_CHANNELS = 2
 
@@ -200,12 +204,21 @@ def probe(path: str | os.PathLike) -> AudioInfo:
         )
 
 
+def _check_source_rate(rate: int | None, path: Path) -> None:
+    if rate and rate > MAX_SOURCE_RATE:
+        raise InputError(
+            f"The audio in {_name(path)} is sampled at {rate} Hz, faster than any recorder makes "
+            f"(at most {MAX_SOURCE_RATE} Hz). Export it again at 48 kHz or 44.1 kHz."
+        )
+
+
 def decode(
     path: str | os.PathLike, *, sample_rate: int | None = None, mono: bool = False, max_s: float | None = None
 ) -> AudioSegment:
     """Decode the first audio stream to 16-bit PCM in a pydub AudioSegment (no ffmpeg binary).
 
-    More than two channels are mixed down to stereo, and a rate above
+    A source faster than :data:`MAX_SOURCE_RATE` is refused (InputError) from its header
+    or its first faster frame. More than two channels are mixed down to stereo, and a rate above
     :data:`MAX_SAMPLE_RATE` is resampled to it, frame by frame as the file is read, so the
     PCM kept costs at most 192 kB per second whatever the file's own rate and channels.
     ``sample_rate``/``mono`` resample on the way (used by the loudness envelope). With
@@ -219,6 +232,7 @@ def decode(
         if not container.streams.audio:
             raise _no_sound(container, path)
         stream = container.streams.audio[0]
+        _check_source_rate(stream.codec_context.sample_rate, path)
         channels = 1 if mono else min(MAX_CHANNELS, max(1, stream.codec_context.channels or 1))
         rate = min(sample_rate or stream.codec_context.sample_rate or 44100, MAX_SAMPLE_RATE)
         resampler = av.AudioResampler(format="s16", layout="mono" if channels == 1 else "stereo", rate=rate)
@@ -235,6 +249,7 @@ def decode(
         try:
             for frame in container.decode(stream):
                 decoded_frames += 1
+                _check_source_rate(frame.sample_rate, path)  # a stream may change its rate midway
                 for out in resampler.resample(frame):
                     take(out)
             for out in resampler.resample(None):
