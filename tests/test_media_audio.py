@@ -394,3 +394,29 @@ def test_silence_windows_and_waveform_columns_are_the_same_a_block_at_a_time(tmp
     lo, hi = audio_mod.mono_extremes(short, 1000)
     np.testing.assert_array_equal(lo, audio_mod.mono_samples(short))
     np.testing.assert_array_equal(hi, audio_mod.mono_samples(short))
+
+
+@pytest.mark.parametrize("kind", ["heic", "avif"])
+def test_a_heic_or_avif_photo_given_as_audio_is_called_a_picture(tmp_path, settings, kind):
+    """FFmpeg opens HEIF pictures with its MP4 demuxer; they used to be "a video with no sound track"."""
+    from tests.corpus import astronaut_portrait, heic
+
+    src = tmp_path / f"IMG_0042.{kind}"
+    if kind == "heic":
+        heic(src)  # as an iPhone saves it
+    else:
+        astronaut_portrait().save(src, "AVIF", quality=60)
+    with av.open(str(src)) as c:  # what made it look like a silent video
+        assert c.format.name.startswith("mov,mp4") and not c.streams.audio
+    for call in (lambda: check_audio(src, settings=settings), lambda: audio_mod.decode(src)):
+        with pytest.raises(InputError) as exc:
+            call()
+        assert exc.value.message.startswith(f"IMG_0042.{kind} is a picture, not a sound file. Put it in the portrait field")
+        assert "video" not in exc.value.message
+
+
+def test_a_silent_mp4_video_is_still_a_video_without_sound(tmp_path, settings):
+    src = mf.make_video_with_audio(tmp_path / "mute.mp4", 1.0, audio=False)
+    assert not audio_mod._is_heif_picture(src)
+    with pytest.raises(InputError, match=r"^This video has no sound track \(mute.mp4\)"):
+        audio_mod.probe(src)

@@ -169,10 +169,35 @@ def _is_cover_art(stream) -> bool:
 _PICTURE_FORMATS = ("image2", "_pipe", "gif", "apng", "webp")
 
 
+# ftyp brands of HEIF pictures (HEIC, AVIF and their sequences): FFmpeg opens them with its
+# MP4 demuxer ("mov,mp4,..."), as if they were videos. A video's own brands (isom, mp42,
+# qt, M4V, ...) are none of these.
+_PICTURE_BRANDS = frozenset({b"mif1", b"mif2", b"msf1", b"miaf", b"heic", b"heix", b"heim", b"heis", b"hevc",
+                             b"hevx", b"heif", b"avif", b"avis", b"avio"})
+
+
+def _is_heif_picture(path: Path) -> bool:
+    """True when the file starts with an ISO-BMFF ftyp box naming a HEIF/AVIF picture brand."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8 or head[4:8] != b"ftyp":
+                return False
+            size = int.from_bytes(head[:4], "big")
+            if not 16 <= size <= 4096:
+                return False
+            body = f.read(size - 8)
+    except OSError:
+        return False
+    # major brand, minor version (skipped), then the compatible brands
+    brands = [body[0:4]] + [body[i : i + 4] for i in range(8, len(body) - 3, 4)]
+    return any(brand in _PICTURE_BRANDS for brand in brands)
+
+
 def _no_sound(container, path: Path) -> InputError:
     """The message for a file with no audio stream: a picture, a silent video, or neither."""
     fmt = container.format.name or ""
-    if container.streams.video and any(part in fmt for part in _PICTURE_FORMATS):
+    if (container.streams.video and any(part in fmt for part in _PICTURE_FORMATS)) or _is_heif_picture(path):
         return InputError(
             f"{_name(path)} is a picture, not a sound file. Put it in the portrait field, and choose a voice "
             "recording (MP3, WAV, M4A, ...) for the voice."
