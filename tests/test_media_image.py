@@ -318,8 +318,8 @@ def _peak_growth_mb(path) -> tuple[str, float]:
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-c", _PEAK_OF_CHECK, str(path)], cwd=root, capture_output=True, text=True, check=False,
-                          timeout=120, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    done = subprocess.run([sys.executable, "-c", _PEAK_OF_CHECK, str(path)], cwd=root, capture_output=True,
+                          text=True, check=False, timeout=120, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     verdict, growth = done.stdout.strip().splitlines()
     return verdict, float(growth)
