@@ -2,6 +2,8 @@
 
     lying_webm(path, hold_s=3600, claim_s=5)   # Opus in WebM: header says 5 s, holds an hour
     tiny_huge_png(path, 8000, 8000)             # a real, decodable PNG of 64 MP in ~100 KB
+    high_rate_flac(path, 655350, 290.0)         # ~100 KB of FLAC: 290 s at 655350 Hz stereo, not silent
+    grey16_png(path, 5470, 5470)                # ~65 KB 16-bit grey PNG, just under 30 MP
 
 The WebM is real: every packet decodes. Ten seconds of speech-like Opus are encoded once
 and their packets muxed again and again with later timestamps (encoding an hour would take
@@ -83,5 +85,42 @@ def tiny_huge_png(path: str | Path, width: int = 8000, height: int = 8000) -> Pa
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return Path(path)
+
+
+def high_rate_flac(path: str | Path, rate: int = 655_350, seconds: float = 290.0, *, channels: int = 2,
+                   level: int = 8000) -> Path:
+    """A real FLAC at ``rate`` Hz (655350 is FLAC's highest): a constant level, which is not
+    silence (-12 dBFS) and which FLAC stores in a few bytes per block, so 290 s weigh ~100 KB."""
+    path = Path(path)
+    layout = "stereo" if channels == 2 else "mono"
+    block = 65536
+    total = int(rate * seconds)
+    pcm = np.full((1, block * channels), level, dtype=np.int16)
+    with av.open(str(path), "w", format="flac") as out:
+        stream = out.add_stream("flac", rate=rate, layout=layout)
+        stream.codec_context.format = "s16"
+        for pts in range(0, total, block):
+            frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout=layout)
+            frame.sample_rate, frame.pts, frame.time_base = rate, pts, Fraction(1, rate)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+def grey16_png(path: str | Path, width: int = 5470, height: int = 5470) -> Path:
+    """A valid 16-bit greyscale PNG of ``width`` x ``height`` (29.9 MP by default, under the
+    30 MP cap) that weighs a few tens of KB: every pixel is 0x8000."""
+    row = b"\x00" + b"\x80\x00" * width
+    comp = zlib.compressobj(9)
+    body = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
     Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
     return Path(path)

@@ -298,3 +298,125 @@ def test_mono_samples_match_the_float_mix_of_every_channel(tmp_path):
         audio_mod._BLOCK_FRAMES = monkey
     np.testing.assert_allclose(blocked, audio_mod.samples(seg).mean(axis=1), atol=1e-6)
     assert blocked.dtype == np.float32 and blocked.shape == (len(audio_mod.samples(seg)),)
+
+
+def _dominant_hz(seg) -> float:
+    x = audio_mod.mono_samples(seg)
+    spectrum = np.abs(np.fft.rfft(x))
+    return float(np.argmax(spectrum) * seg.frame_rate / len(x))
+
+
+@pytest.mark.parametrize("rate", [96000, 192000])
+def test_a_faster_rate_than_48_khz_is_resampled_while_decoding(tmp_path, rate):
+    src = mf.make_tone(tmp_path / f"v{rate}.flac", "flac", 2.0, freq=1000.0, sample_rate=rate, channels=2)
+    assert audio_mod.probe(src).sample_rate == rate
+    seg = audio_mod.decode(src, max_s=3.0)
+    assert seg.frame_rate == 48000 and seg.channels == 2
+    assert len(seg.raw_data) == pytest.approx(2.0 * 48000 * 4, rel=0.01)  # 2 s at 48 kHz, not at the source rate
+    assert _dominant_hz(seg) == pytest.approx(1000.0, abs=2.0)  # the same sound, not sped up or slowed down
+
+
+def test_the_fastest_studio_rate_decodes_to_48_khz_and_the_cap_is_still_in_seconds(tmp_path):
+    from tests.attack_media import high_rate_flac
+
+    src = high_rate_flac(tmp_path / "fast.flac", 384000, 3.0)
+    assert audio_mod.probe(src).sample_rate == 384000
+    seg = audio_mod.decode(src, max_s=5.0)
+    assert seg.frame_rate == 48000 and seg.channels == 2
+    assert len(seg) / 1000.0 == pytest.approx(3.0, abs=0.1)
+    assert not audio_mod.is_silent(seg)
+    with pytest.raises(audio_mod.AudioTooLong):  # 3 s of it is more than 2 s, whatever the rate
+        audio_mod.decode(src, max_s=2.0)
+
+
+def test_a_rate_faster_than_any_recorder_is_refused_before_decoding(tmp_path, settings):
+    from tests.attack_media import high_rate_flac
+
+    src = high_rate_flac(tmp_path / "fast.flac", 655350, 20.0)  # FLAC's highest rate
+    t0 = time.process_time()
+    with pytest.raises(InputError) as exc:
+        audio_mod.decode(src)
+    assert time.process_time() - t0 < 0.2  # from the header: resampling 20 s of it takes about as long
+    assert exc.value.message == ("The audio in fast.flac is sampled at 655350 Hz, faster than any recorder makes "
+                                 "(at most 384000 Hz). Export it again at 48 kHz or 44.1 kHz.")
+    with pytest.raises(InputError, match="sampled at 655350 Hz"):
+        check_audio(src, settings=settings)
+    assert not list((settings.output_dir / "inputs").glob("audio-*"))  # nothing written for it
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 22050, 44100, 48000])
+def test_rates_up_to_48_khz_keep_their_own_rate(tmp_path, rate):
+    seg = audio_mod.decode(mf.make_tone(tmp_path / "v.flac", "flac", 1.0, sample_rate=rate))
+    assert seg.frame_rate == rate
+
+
+def test_six_channels_are_mixed_down_to_stereo(tmp_path):
+    src = tmp_path / "surround.flac"
+    pcm = np.repeat(mf.tone_pcm(2.0, sample_rate=48000), 6, axis=1)
+    with av.open(str(src), "w", format="flac") as out:
+        stream = out.add_stream("flac", rate=48000, layout="5.1")
+        stream.codec_context.format = "s16"
+        for i in range(0, len(pcm), 4096):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[i : i + 4096].reshape(1, -1)), format="s16",
+                                               layout="5.1")
+            frame.sample_rate = 48000
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    assert audio_mod.probe(src).channels == 6
+    seg = audio_mod.decode(src)
+    assert seg.channels == 2 and seg.frame_rate == 48000 and not audio_mod.is_silent(seg)
+
+
+def test_the_local_preview_gets_a_48_khz_wav_from_a_192_khz_wav(tmp_path, settings):
+    src = mf.make_tone(tmp_path / "studio.wav", "wav", 3.0, sample_rate=192000, channels=2)
+    res = check_audio(src, provider="local", settings=settings)
+    assert res.sample_rate == 48000 and res.channels == 2  # written again, not kept as it came
+    assert res.path.stat().st_size < 3.1 * 48000 * 4 < src.stat().st_size
+    with av.open(str(res.path)) as c:
+        assert c.streams.audio[0].codec_context.name == "pcm_s16le" and c.streams.audio[0].sample_rate == 48000
+
+
+def test_silence_windows_and_waveform_columns_are_the_same_a_block_at_a_time(tmp_path, monkeypatch):
+    seg = audio_mod.decode(mf.make_speechlike(tmp_path / "s.wav", "wav", sample_rate=44100))
+    whole_db, whole_x = audio_mod._window_dbfs(seg), audio_mod.mono_samples(seg)
+    monkeypatch.setattr(audio_mod, "_BLOCK_FRAMES", 3000)  # many blocks, a short last one
+    blocked_db = audio_mod._window_dbfs(seg)
+    assert blocked_db.shape == (len(whole_x) // 882,)
+    np.testing.assert_array_equal(blocked_db, whole_db)
+    for columns in (1000, 997):
+        lo, hi = audio_mod.mono_extremes(seg, columns)
+        parts = np.array_split(whole_x, columns)
+        np.testing.assert_array_equal(lo, [p.min() for p in parts])
+        np.testing.assert_array_equal(hi, [p.max() for p in parts])
+    short = seg[:5]  # fewer frames than columns: one column per frame
+    lo, hi = audio_mod.mono_extremes(short, 1000)
+    np.testing.assert_array_equal(lo, audio_mod.mono_samples(short))
+    np.testing.assert_array_equal(hi, audio_mod.mono_samples(short))
+
+
+@pytest.mark.parametrize("kind", ["heic", "avif"])
+def test_a_heic_or_avif_photo_given_as_audio_is_called_a_picture(tmp_path, settings, kind):
+    """FFmpeg opens HEIF pictures with its MP4 demuxer; they used to be "a video with no sound track"."""
+    from tests.corpus import astronaut_portrait, heic
+
+    src = tmp_path / f"IMG_0042.{kind}"
+    if kind == "heic":
+        heic(src)  # as an iPhone saves it
+    else:
+        astronaut_portrait().save(src, "AVIF", quality=60)
+    with av.open(str(src)) as c:  # what made it look like a silent video
+        assert c.format.name.startswith("mov,mp4") and not c.streams.audio
+    for call in (lambda: check_audio(src, settings=settings), lambda: audio_mod.decode(src)):
+        with pytest.raises(InputError) as exc:
+            call()
+        assert exc.value.message.startswith(f"IMG_0042.{kind} is a picture, not a sound file. Put it in the portrait field")
+        assert "video" not in exc.value.message
+
+
+def test_a_silent_mp4_video_is_still_a_video_without_sound(tmp_path, settings):
+    src = mf.make_video_with_audio(tmp_path / "mute.mp4", 1.0, audio=False)
+    assert not audio_mod._is_heif_picture(src)
+    with pytest.raises(InputError, match=r"^This video has no sound track \(mute.mp4\)"):
+        audio_mod.probe(src)

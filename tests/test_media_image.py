@@ -265,11 +265,14 @@ def test_a_heic_over_the_pixel_limit_is_refused_before_it_is_decoded(tmp_path, s
         check_image(src, settings=settings)
 
 
+@pytest.mark.parametrize("block", [1 << 20, 1000])  # one band; bands of 3 rows and a short last one
 @pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
-def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped_white(mode):
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped_white(mode, block, monkeypatch):
     """Every 16-bit level v becomes v >> 8 (Pillow's own convert("RGB") clips all of them
     above 255 to white)."""
     import numpy as np
+
+    monkeypatch.setattr(image_mod, "_BLOCK_PIXELS", block)
 
     levels = np.arange(65536, dtype=np.uint16).reshape(256, 256)
     im = Image.fromarray(levels)  # I;16
@@ -281,3 +284,60 @@ def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped_white(mode):
     out = np.asarray(rgb)
     assert (out[..., 0] == out[..., 2]).all() and (out[..., 0] == out[..., 1]).all()
     assert (out[..., 0].astype(np.int64) == (levels >> 8)).all()
+
+
+def test_32_bit_grey_outside_16_bits_is_clipped_before_the_shift(monkeypatch):
+    import numpy as np
+
+    monkeypatch.setattr(image_mod, "_BLOCK_PIXELS", 7)
+    values = np.array([[-70000, -1, 0, 255], [256, 65535, 65536, 2**31 - 1]], dtype=np.int32)
+    out = np.asarray(image_mod.to_rgb(Image.fromarray(values, "I")))[..., 0]
+    assert out.tolist() == [[0, 0, 0, 0], [1, 255, 255, 255]]
+
+
+# Run in a fresh interpreter: its peak RSS (ru_maxrss) is this one check's, not the test run's.
+_PEAK_OF_CHECK = """
+import resource, sys, tempfile
+from pathlib import Path
+from avatar_core.config import Settings
+from avatar_core.media.inputs import check_image
+from avatar_core.errors import InputError
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    check_image(Path(sys.argv[1]), settings=Settings(output_dir=Path(tempfile.mkdtemp())))
+    print("accepted")
+except InputError as exc:
+    print("refused", exc.message)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def _peak_growth_mb(path) -> tuple[str, float]:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", _PEAK_OF_CHECK, str(path)], cwd=root, capture_output=True,
+                          text=True, check=False, timeout=120, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    verdict, growth = done.stdout.strip().splitlines()
+    return verdict, float(growth)
+
+
+def test_a_16_bit_grey_png_under_the_pixel_cap_costs_what_an_8_bit_one_does(tmp_path):
+    """A 65 KB 16-bit grey PNG of 5470 x 5470 (29.9 MP) took +541 MB to check: 8-byte copies of
+    every pixel. Its shift to 8 bits now holds no more than the 8-bit result, so it costs what
+    any picture of that size costs (about 230 MB, mostly the RGB copies every check makes)."""
+    from tests.attack_media import grey16_png
+
+    sixteen = grey16_png(tmp_path / "grey16.png", 5470, 5470)
+    assert sixteen.stat().st_size < 100_000
+    eight = tmp_path / "grey8.png"
+    Image.new("L", (5470, 5470), 128).save(eight)
+    verdict16, grew16 = _peak_growth_mb(sixteen)
+    verdict8, grew8 = _peak_growth_mb(eight)
+    print(f"\n5470 x 5470 check: 16-bit grey +{grew16:.0f} MB, 8-bit grey +{grew8:.0f} MB")
+    assert verdict16 == verdict8 == "accepted"
+    assert grew16 < 350, f"+{grew16:.0f} MB"
+    assert grew16 < grew8 + 40, f"16-bit +{grew16:.0f} MB against 8-bit +{grew8:.0f} MB"

@@ -5,7 +5,14 @@ app running in its own process, whose memory (peak RSS, VmHWM) and answer time a
   just past 300 s (it used to decode the hour: +1.7 GB, 14 s);
 * a 200 KB, fully decodable 8000 x 8000 PNG: refused from its header (it was decoded: +540 MB);
 * three lying WebMs at once from one visitor: the 2nd and 3rd are refused by admission
-  (their jobs-in-progress limit) before anything of theirs is decoded.
+  (their jobs-in-progress limit) before anything of theirs is decoded;
+* a 100 KB FLAC of 290 s at 655350 Hz stereo (a cap in seconds is no cap when the sender
+  picks the rate; it was +966 MB of memory, 22 s of CPU and a 760 MB WAV): refused from its
+  header, faster than any recorder; the same at 384 kHz is decoded at 48 kHz, so it costs
+  what 290 s at 48 kHz costs, and the WAV kept for the Local preview is 56 MB;
+* a 65 KB 16-bit grey PNG of 5470 x 5470 (just under the 30 MP cap): scaled to 8 bits a
+  band of rows at a time, so it costs what an 8-bit picture of that size does (it was
+  +541 MB of 8-byte copies).
 
 In-process checks of the same functions (tests/test_media_*.py) cannot see a server's
 memory; here the app is a child process, as on a Space.
@@ -20,11 +27,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import av
 import httpx
 import pytest
 from gradio_client import Client, handle_file
 
-from tests.attack_media import lying_webm, tiny_huge_png
+from tests.attack_media import grey16_png, high_rate_flac, lying_webm, tiny_huge_png
 from tests.helpers import free_port, stop_process
 from tests.media_factory import make_portrait, make_tone
 
@@ -63,6 +71,11 @@ class Server:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def reset_peak(self) -> None:
+        """Start the peak (VmHWM) again from the current RSS, so a peak an earlier test reached
+        does not hide what the next one costs (Linux: "5" to /proc/<pid>/clear_refs)."""
+        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+
     def peak_mb(self) -> float:
         """The process's peak resident memory so far (VmHWM), in MB."""
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -80,12 +93,28 @@ def files(tmp_path_factory):
         "short_webm": make_tone(d / "short.webm", "webm", 1.0, sample_rate=48000),
         "lie": lying_webm(d / "lie.webm", hold_s=3600, claim_s=5),
         "huge_png": tiny_huge_png(d / "huge.png", 8000, 8000),
+        "fastest_flac": high_rate_flac(d / "fastest.flac", 655350, 290.0),
+        "fast_flac": high_rate_flac(d / "fast.flac", 384000, 290.0),
+        "grey16": grey16_png(d / "grey16.png", 5470, 5470),
+        "grey8": _grey8_png(d / "grey8.png", 5470, 5470),
     }
 
 
+def _grey8_png(path: Path, width: int, height: int) -> Path:
+    from PIL import Image
+
+    Image.new("L", (width, height), 128).save(path)
+    return path
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, files):
-    out = tmp_path_factory.mktemp("attack-out")
+def out_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("attack-out")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, files, out_dir):
+    out = out_dir
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.endswith(("_API_KEY", "_KEY", "_TOKEN"))}
     # Its own Gradio upload folder: the app sweeps its cache on shutdown, which must not
@@ -119,8 +148,13 @@ def _generate(client: Client, image: Path, audio: Path) -> str:
     return status
 
 
-def _timed(server: Server, call) -> tuple[object, float, float]:
-    """(what ``call`` returns, server CPU seconds it cost, growth of the server's peak RSS in MB)."""
+def _timed(server: Server, call, *, reset: bool = False) -> tuple[object, float, float]:
+    """(what ``call`` returns, server CPU seconds it cost, growth of the server's peak RSS in MB).
+
+    ``reset``: measure from the current RSS, not from the highest peak so far (which a
+    legitimate check before may have set on purpose, to be left out of the measure)."""
+    if reset:
+        server.reset_peak()
     before, cpu = server.peak_mb(), server.cpu_s()
     t0 = time.monotonic()
     result = call()
@@ -172,3 +206,70 @@ def test_three_lying_uploads_at_once_from_one_visitor_cost_one_check(server, fil
     assert seconds < 2 * MAX_CPU_S, f"{seconds:.1f} s of the server's CPU: more than one check's worth"
     # The slot is free again once the check is over: the same visitor may try again.
     assert TOO_LONG in _generate(client, files["portrait"], files["lie"])
+
+
+def test_a_16_bit_grey_png_just_under_the_pixel_cap_costs_what_an_8_bit_one_does(server, files):
+    client = Client(server.url, verbose=False)
+    assert files["grey16"].stat().st_size < 100_000
+    # Any 30 MP picture costs the check a few hundred MB (its RGB copies): the 8-bit one is the yardstick.
+    _, _, growth8 = _timed(server, lambda: _generate(client, files["grey8"], files["short_webm"]), reset=True)
+    status, seconds, growth = _timed(server, lambda: _generate(client, files["grey16"], files["short_webm"]),
+                                     reset=True)
+    print(f"\n65 KB 16-bit grey PNG, 5470 x 5470: server CPU {seconds:.2f} s, peak RSS +{growth:.0f} MB "
+          f"(8-bit grey of that size: +{growth8:.0f} MB)")
+    # The picture was decoded and accepted (the 1 s voice is what is refused).
+    assert "too short" in status and "megapixels" not in status, status
+    assert growth < growth8 + 50, f"the server's peak memory grew by {growth:.0f} MB (8-bit: {growth8:.0f} MB)"
+
+
+def _checked(client: Client, image: Path, audio: Path) -> tuple[str, str]:
+    """Send a Local preview job and follow it only until the input checks are over, then stop
+    the render: (the status when refused or once the job has a request id, that id)."""
+    job = client.submit(image=handle_file(str(image)), audio=handle_file(str(audio)), provider="local",
+                        tier="standard", prompt="", api_key="", api_name="/generate")
+    for status, rid, *_ in job:
+        if "Problem" in status or rid:  # refused, or the render has a request id: the checks are over
+            break
+    else:  # pragma: no cover - the job ended while still checking
+        status, rid, *_ = job.outputs()[-1]
+    if rid:
+        client.predict("local", rid, api_name="/cancel")
+    job.cancel()
+    return status, rid
+
+
+def test_a_tiny_flac_at_655350_hz_is_refused_from_its_header(server, files, out_dir):
+    client = Client(server.url, verbose=False)
+    flac = files["fastest_flac"]
+    assert flac.stat().st_size < 200_000
+    (status, rid), seconds, growth = _timed(server, lambda: _checked(client, files["portrait"], flac), reset=True)
+    print(f"\n{flac.stat().st_size // 1024} KB FLAC, 290 s at 655350 Hz: server CPU {seconds:.2f} s, "
+          f"peak RSS +{growth:.0f} MB")
+    assert "is sampled at 655350 Hz, faster than any recorder makes (at most 384000 Hz)" in status, status
+    assert "Export it again at 48 kHz" in status and not rid
+    assert growth < MAX_GROWTH_MB / 3, f"the server's peak memory grew by {growth:.0f} MB"
+    assert seconds < MAX_CPU_S / 3, f"the refusal took {seconds:.1f} s of the server's CPU"
+    assert not list((out_dir / "inputs").glob("audio-*.wav"))
+
+
+def test_a_tiny_flac_at_384_khz_is_decoded_at_48_khz_in_bounded_memory(server, files, out_dir):
+    client = Client(server.url, verbose=False)
+    flac = files["fast_flac"]
+    assert flac.stat().st_size < 200_000
+    (status, rid), seconds, growth = _timed(server, lambda: _checked(client, files["portrait"], flac), reset=True)
+    wavs = sorted((out_dir / "inputs").glob("audio-*.wav"))
+    sizes = [w.stat().st_size for w in wavs]
+    print(f"\n{flac.stat().st_size // 1024} KB FLAC, 290 s at 384000 Hz: server CPU {seconds:.2f} s, "
+          f"peak RSS +{growth:.0f} MB, WAV kept {[f'{n / 1e6:.1f} MB' for n in sizes]}")
+    # Accepted (290 s of a steady -12 dBFS level is a sound within the limits), and rendering had begun.
+    assert "Problem" not in status and rid, status
+    assert growth < MAX_GROWTH_MB, f"the server's peak memory grew by {growth:.0f} MB"
+    # Accepted sound costs CPU by its length: resampling 111 M samples is ~1 s, the check of
+    # 290 s at 48 kHz another ~1 s, and the render has begun (655350 Hz used to take 22 s).
+    assert seconds < 2 * MAX_CPU_S, f"the check took {seconds:.1f} s of the server's CPU"
+    # The one WAV written for it is what 290 s of 48 kHz stereo 16-bit is (55.7 MB), not 445 MB
+    # (the FLAC holds whole blocks of 65536 samples: 290.13 s).
+    assert len(wavs) == 1, wavs
+    assert sizes[0] <= 290.5 * 48000 * 2 * 2 + 4096, f"{sizes[0] / 1e6:.0f} MB"
+    with av.open(str(wavs[0])) as kept:
+        assert kept.streams.audio[0].sample_rate == 48000 and kept.streams.audio[0].channels == 2

@@ -74,6 +74,18 @@ TRIM_PADDING_S = 0.25
 # Trims shorter than this are not worth a re-encode.
 MIN_TRIM_S = 0.3
 
+# The highest sample rate a decoded voice keeps. A file's rate is its sender's choice (FLAC
+# allows 655350 Hz), so a cap in seconds alone does not bound memory; decoding resamples
+# anything faster to this (48 kHz is more than speech needs, and what video players use).
+# 44.1 kHz, 48 kHz and slower recordings keep their own rate.
+MAX_SAMPLE_RATE = 48_000
+# The fastest source rate decoded at all: 384 kHz is the top of studio converters (DXD is
+# 352.8 kHz). Resampling costs time per source sample, so FLAC's 655350 Hz (or a WavPack
+# header's any rate) would make a 100 KB file cost seconds of CPU; it is refused instead.
+MAX_SOURCE_RATE = 384_000
+# A decoded voice has at most this many channels: more are mixed down to stereo.
+MAX_CHANNELS = 2
+
 # Probing beyond the 300 s limit by this factor refuses a long file before decoding it.
 _PROBE_SLACK = 1.05
 
@@ -157,10 +169,35 @@ def _is_cover_art(stream) -> bool:
 _PICTURE_FORMATS = ("image2", "_pipe", "gif", "apng", "webp")
 
 
+# ftyp brands of HEIF pictures (HEIC, AVIF and their sequences): FFmpeg opens them with its
+# MP4 demuxer ("mov,mp4,..."), as if they were videos. A video's own brands (isom, mp42,
+# qt, M4V, ...) are none of these.
+_PICTURE_BRANDS = frozenset({b"mif1", b"mif2", b"msf1", b"miaf", b"heic", b"heix", b"heim", b"heis", b"hevc",
+                             b"hevx", b"heif", b"avif", b"avis", b"avio"})
+
+
+def _is_heif_picture(path: Path) -> bool:
+    """True when the file starts with an ISO-BMFF ftyp box naming a HEIF/AVIF picture brand."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8 or head[4:8] != b"ftyp":
+                return False
+            size = int.from_bytes(head[:4], "big")
+            if not 16 <= size <= 4096:
+                return False
+            body = f.read(size - 8)
+    except OSError:
+        return False
+    # major brand, minor version (skipped), then the compatible brands
+    brands = [body[0:4]] + [body[i : i + 4] for i in range(8, len(body) - 3, 4)]
+    return any(brand in _PICTURE_BRANDS for brand in brands)
+
+
 def _no_sound(container, path: Path) -> InputError:
     """The message for a file with no audio stream: a picture, a silent video, or neither."""
     fmt = container.format.name or ""
-    if container.streams.video and any(part in fmt for part in _PICTURE_FORMATS):
+    if (container.streams.video and any(part in fmt for part in _PICTURE_FORMATS)) or _is_heif_picture(path):
         return InputError(
             f"{_name(path)} is a picture, not a sound file. Put it in the portrait field, and choose a voice "
             "recording (MP3, WAV, M4A, ...) for the voice."
@@ -192,24 +229,37 @@ def probe(path: str | os.PathLike) -> AudioInfo:
         )
 
 
+def _check_source_rate(rate: int | None, path: Path) -> None:
+    if rate and rate > MAX_SOURCE_RATE:
+        raise InputError(
+            f"The audio in {_name(path)} is sampled at {rate} Hz, faster than any recorder makes "
+            f"(at most {MAX_SOURCE_RATE} Hz). Export it again at 48 kHz or 44.1 kHz."
+        )
+
+
 def decode(
     path: str | os.PathLike, *, sample_rate: int | None = None, mono: bool = False, max_s: float | None = None
 ) -> AudioSegment:
     """Decode the first audio stream to 16-bit PCM in a pydub AudioSegment (no ffmpeg binary).
 
-    More than two channels are mixed down to stereo. ``sample_rate``/``mono`` resample
-    on the way (used by the loudness envelope). With ``max_s``, decoding stops and
-    :class:`AudioTooLong` is raised as soon as more than ``max_s`` seconds have come out,
-    whatever the container claims, so memory and time stay bounded by ``max_s``.
-    The PCM grows in one buffer (no list of chunks joined at the end, no second copy).
+    A source faster than :data:`MAX_SOURCE_RATE` is refused (InputError) from its header
+    or its first faster frame. More than two channels are mixed down to stereo, and a rate above
+    :data:`MAX_SAMPLE_RATE` is resampled to it, frame by frame as the file is read, so the
+    PCM kept costs at most 192 kB per second whatever the file's own rate and channels.
+    ``sample_rate``/``mono`` resample on the way (used by the loudness envelope). With
+    ``max_s``, decoding stops and :class:`AudioTooLong` is raised as soon as more than
+    ``max_s`` seconds have come out, whatever the container claims, so memory and time
+    stay bounded by ``max_s``. The PCM grows in one buffer (no list of chunks joined at
+    the end, no second copy).
     """
     path = Path(path)
     with _open(path) as container:
         if not container.streams.audio:
             raise _no_sound(container, path)
         stream = container.streams.audio[0]
-        channels = 1 if mono else min(2, max(1, stream.codec_context.channels or 1))
-        rate = sample_rate or stream.codec_context.sample_rate or 44100
+        _check_source_rate(stream.codec_context.sample_rate, path)
+        channels = 1 if mono else min(MAX_CHANNELS, max(1, stream.codec_context.channels or 1))
+        rate = min(sample_rate or stream.codec_context.sample_rate or 44100, MAX_SAMPLE_RATE)
         resampler = av.AudioResampler(format="s16", layout="mono" if channels == 1 else "stereo", rate=rate)
         frame_bytes = 2 * channels
         cap = None if max_s is None else int(math.ceil(max_s * rate)) * frame_bytes
@@ -224,6 +274,7 @@ def decode(
         try:
             for frame in container.decode(stream):
                 decoded_frames += 1
+                _check_source_rate(frame.sample_rate, path)  # a stream may change its rate midway
                 for out in resampler.resample(frame):
                     take(out)
             for out in resampler.resample(None):
@@ -258,25 +309,61 @@ def mono_samples(segment: AudioSegment) -> np.ndarray:
     pcm = np.frombuffer(segment.raw_data, dtype=np.int16).reshape(-1, segment.channels)
     mono = np.empty(pcm.shape[0], dtype=np.float32)
     for i in range(0, pcm.shape[0], _BLOCK_FRAMES):
-        block = pcm[i : i + _BLOCK_FRAMES].astype(np.float32)
-        mono[i : i + _BLOCK_FRAMES] = block.mean(axis=1) / 32768.0
+        mono[i : i + _BLOCK_FRAMES] = _mono_range(pcm, i, i + _BLOCK_FRAMES)
     return mono
 
 
+def _mono_range(pcm: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """The mono mix of frames ``start:stop`` of int16 ``pcm`` (n_frames, channels), float32 in -1..1."""
+    return pcm[start:stop].astype(np.float32).mean(axis=1) / 32768.0
+
+
 def _window_dbfs(segment: AudioSegment, window_s: float = SILENCE_WINDOW_S) -> np.ndarray:
-    mono = mono_samples(segment)
+    """RMS level in dBFS of each whole ``window_s`` window of the mono mix.
+
+    Computed a block of windows at a time from the 16-bit PCM: one float per window is
+    kept, never a float copy of the clip (300 s of 48 kHz would be 55 MB of float32).
+    """
+    pcm = np.frombuffer(segment.raw_data, dtype=np.int16).reshape(-1, segment.channels)
     n = max(1, int(segment.frame_rate * window_s))
-    usable = (len(mono) // n) * n
-    if usable == 0:
+    count = pcm.shape[0] // n
+    if count == 0:
         return np.array([-math.inf])
-    windows = mono[:usable].reshape(-1, n)
-    rms = np.empty(windows.shape[0], dtype=np.float64)
+    rms = np.empty(count, dtype=np.float64)
     step = max(1, _BLOCK_FRAMES // n)
-    for i in range(0, windows.shape[0], step):
-        block = windows[i : i + step].astype(np.float64)
-        rms[i : i + step] = np.sqrt(np.mean(block * block, axis=1))
+    for i in range(0, count, step):
+        j = min(count, i + step)
+        block = _mono_range(pcm, i * n, j * n).reshape(-1, n).astype(np.float64)
+        rms[i:j] = np.sqrt(np.mean(block * block, axis=1))
     with np.errstate(divide="ignore"):
         return 20 * np.log10(rms)
+
+
+def mono_extremes(segment: AudioSegment, columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) of the mono mix in each of ``columns`` near-equal slices, as np.array_split cuts it.
+
+    For drawing a waveform; computed a block at a time, so it costs two floats per column,
+    not a float copy of the clip. Fewer frames than columns: one slice per frame.
+    """
+    pcm = np.frombuffer(segment.raw_data, dtype=np.int16).reshape(-1, segment.channels)
+    n = pcm.shape[0]
+    if n == 0 or columns <= 0:
+        return np.empty(0, dtype=np.float32), np.empty(0, dtype=np.float32)
+    columns = min(columns, n)
+    q, r = divmod(n, columns)
+    sizes = np.full(columns, q, dtype=np.int64)
+    sizes[:r] += 1  # array_split gives the first n % columns slices one frame more
+    edges = np.concatenate([[0], np.cumsum(sizes)])
+    lo = np.empty(columns, dtype=np.float32)
+    hi = np.empty(columns, dtype=np.float32)
+    step = max(1, _BLOCK_FRAMES // (q + 1))
+    for c in range(0, columns, step):
+        d = min(columns, c + step)
+        x = _mono_range(pcm, int(edges[c]), int(edges[d]))
+        starts = edges[c:d] - edges[c]
+        lo[c:d] = np.minimum.reduceat(x, starts)
+        hi[c:d] = np.maximum.reduceat(x, starts)
+    return lo, hi
 
 
 def is_silent(segment: AudioSegment, threshold_dbfs: float = SILENCE_DBFS) -> bool:

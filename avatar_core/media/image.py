@@ -183,6 +183,29 @@ def _bomb_error(path: Path, size: tuple[int, int] | None = None) -> InputError:
 _SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
+# Pixels converted at a time by _grey16_to_l (a few MB of 16- or 32-bit values).
+_BLOCK_PIXELS = 1 << 20
+
+
+def _grey16_to_l(im: Image.Image) -> Image.Image:
+    """8-bit "L" from 16-bit grey: each value >> 8 ("I": clipped to 0..65535 first).
+
+    Pillow's point() and convert() refuse I;16B, so the shift is done with numpy, a band of
+    rows at a time and in the values' own width: the 8-bit result and one band are all
+    that is held besides ``im``, never a wider copy of the whole picture (a 30 MP 16-bit
+    file costs 30 MB here, not 8 bytes a pixel several times over).
+    """
+    w, h = im.size
+    out = np.empty((h, w), dtype=np.uint8)
+    rows = max(1, _BLOCK_PIXELS // max(1, w))
+    for y in range(0, h, rows):
+        band = np.asarray(im.crop((0, y, w, min(h, y + rows))))
+        if band.dtype.kind == "i":  # "I": 32-bit signed
+            band = np.clip(band, 0, 65535)
+        out[y : y + rows] = np.right_shift(band, 8).astype(np.uint8)
+    return Image.fromarray(out, "L")
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """RGB with any transparency flattened onto white (providers take no alpha).
 
@@ -191,9 +214,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     and all but the darkest pixels of such a picture turn white.
     """
     if im.mode in _SIXTEEN_BIT_GREY:
-        # Pillow's point() and convert() refuse I;16B, so the shift is done on the array.
-        levels = np.asarray(im).astype(np.int64) >> 8
-        im = Image.fromarray(np.clip(levels, 0, 255).astype(np.uint8), "L")
+        im = _grey16_to_l(im)
     elif im.mode == "F":
         im = im.convert("L")
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)

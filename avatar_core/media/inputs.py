@@ -416,7 +416,10 @@ def _check_audio_file(path: Path, url: str | None, limits: _audio.AudioLimits, p
         fmt == "wav" and info.codec == "pcm_s16le" and info.container == "wav"
     )
     size_ok = limits.max_bytes is None or path.stat().st_size <= limits.max_bytes
-    fits_as_is = same_codec and trimmed_s == 0 and not padding_cut and size_ok and info.channels <= 2
+    # A file faster than 48 kHz or with more than two channels is written again from the
+    # decoded (resampled, mixed-down) sound, so what is kept is bounded by its length.
+    fits_as_is = (same_codec and trimmed_s == 0 and not padding_cut and size_ok
+                  and info.channels <= _audio.MAX_CHANNELS and info.sample_rate <= _audio.MAX_SAMPLE_RATE)
     # The provider may fetch the link itself: what it serves is already what it accepts.
     passthrough = fits_as_is and url is not None
     if fits_as_is and url is None:  # an upload that already fits is kept as it is (no re-encoding loss)

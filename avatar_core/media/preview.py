@@ -6,10 +6,9 @@ import os
 from pathlib import Path
 from collections.abc import Sequence
 
-import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .audio import AudioSegment, mono_samples
+from .audio import AudioSegment, mono_extremes
 from .face import FaceBox
 
 # The UI shows previews at most about 1000 px wide; a full 12 MP copy would only cost
@@ -59,16 +58,12 @@ def waveform_image(segment: AudioSegment, *, size: tuple[int, int] = WAVEFORM_SI
     w, h = size
     img = Image.new("RGB", size, (250, 250, 252))
     draw = ImageDraw.Draw(img)
-    x = mono_samples(segment)
+    lows, highs = mono_extremes(segment, w)  # per column, without a float copy of the clip
     mid = h / 2
     draw.line((0, mid, w, mid), fill=(200, 200, 210))
-    if len(x):
-        cols = np.array_split(x, w) if len(x) >= w else [x[i : i + 1] for i in range(len(x))]
-        step = w / len(cols)
-        for i, c in enumerate(cols):
-            if len(c) == 0:
-                continue
-            lo, hi = float(c.min()), float(c.max())
+    if len(lows):
+        step = w / len(lows)
+        for i, (lo, hi) in enumerate(zip(lows.tolist(), highs.tolist())):
             xx = i * step
             draw.line((xx, mid - hi * (mid - 4), xx, mid - lo * (mid - 4)), fill=(40, 90, 200))
     seconds = len(segment) / 1000.0
