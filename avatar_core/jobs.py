@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import re
 import shutil
@@ -62,6 +63,7 @@ from .events import (
 from .media.pricing import estimate_cost
 from .polling import BACKOFF_BASE_S, PollSchedule, backoff
 from .providers import LABELS, make_provider
+from .store import MICROUSD_PER_USD
 from .providers.base import (
     Completed,
     Failed,
@@ -234,6 +236,8 @@ async def resume(
     try:
         yield Submitted(provider, request_id, ctx.handle.model, ctx.elapsed())
         async for event in drive:
+            if isinstance(event, Done) and event.cost_usd is not None:
+                _correct_ledger(store, provider, request_id, event.cost_usd)
             yield event
     finally:
         await drive.aclose()
@@ -795,6 +799,21 @@ def _update(ctx: _Context, **fields) -> None:
         return
     ctx.last_status = status or ctx.last_status
     _store_call(ctx.store, "update", ctx.handle.provider, ctx.handle.request_id, **fields)
+
+
+def _correct_ledger(store: Any, provider: str, request_id: str, cost_usd: float) -> None:
+    """A resumed job's usage row gets the real price of the video that came back.
+
+    A job started in Generate is settled by its ticket (guard.Ticket.watch); one finished
+    by ``resume`` (after a restart, a deadline, a dropped page) has no ticket any more, so
+    its row would keep the estimate.
+    """
+    if store is None or not hasattr(store, "correct_job_usage") or not (cost_usd >= 0 and math.isfinite(cost_usd)):
+        return
+    usage = _store_call(store, "correct_job_usage", provider, request_id,
+                        cost_microusd=round(cost_usd * MICROUSD_PER_USD), now=time.time())
+    if usage is not None:
+        log.info("usage ledger: resumed job %s cost corrected to %.4f USD", request_id, cost_usd)
 
 
 def _store_call(store: Any, method: str, *args, **kwargs):
