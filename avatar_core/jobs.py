@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import time
+import traceback
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -334,7 +335,9 @@ async def _guarded(ctx: _Context, stages: AsyncIterator[JobEvent]) -> AsyncItera
         _record_end(ctx, exc)
         yield _failed_event(exc, ctx.provider.name, ctx.handle.request_id if ctx.handle else None, ctx.elapsed())
     except Exception as exc:  # a bug of ours: keep the job findable, show no traceback
-        log.exception("unexpected error in job %s", ctx.handle.request_id if ctx.handle else "(not submitted)")
+        # A bug of ours, but its text may quote a provider's answer: the traceback is scrubbed too.
+        log.error("unexpected error in job %s:\n%s", ctx.handle.request_id if ctx.handle else "(not submitted)",
+                  redact("".join(traceback.format_exception(exc)), ctx.secrets))
         rid = ctx.handle.request_id if ctx.handle else None
         message = f"Something went wrong in this app ({type(exc).__name__})."
         if rid:
@@ -743,7 +746,8 @@ async def _cancel_remote(ctx: _Context) -> None:
             # Shielded and bounded: the consumer is already gone, but the job costs money.
             cancelled = await asyncio.wait_for(asyncio.shield(ctx.provider.cancel(ctx.handle)), timeout=10)
         except (AvatarError, asyncio.TimeoutError, asyncio.CancelledError) as exc:
-            log.warning("could not cancel %s: %s", ctx.handle.request_id, exc)
+            # The provider's words may echo the key or a header: scrubbed here, not only by the log filter.
+            log.warning("could not cancel %s: %s", ctx.handle.request_id, redact(str(exc), ctx.secrets))
     if cancelled:
         _update(ctx, status="cancelled", detail="cancelled at the provider")
     else:
