@@ -264,13 +264,24 @@ def inputs_to_send(prepared: Any, provider: str) -> tuple[str, str]:
 _KEPT_FORMAT_CHARS = frozenset({"\u200d", "\u200c"}) | frozenset(chr(c) for c in range(0xE0020, 0xE0080))
 
 
-def _keep_in_prompt(ch: str) -> bool:
-    return ch in "\n\t" or ch in _KEPT_FORMAT_CHARS or unicodedata.category(ch)[0] != "C"
+def _prompt_char(ch: str) -> str:
+    """What ``ch`` becomes in the prompt sent: itself, nothing, or a space."""
+    if ch in "\n\t" or ch in _KEPT_FORMAT_CHARS:
+        return ch
+    category = unicodedata.category(ch)
+    if category[0] != "C":
+        return ch
+    if category == "Cf":
+        # Other invisible format characters (soft hyphen, LRM/RLM, word joiner, zero-width
+        # space, BOM) sit inside words: dropped, so the word stays whole.
+        return ""
+    return " "  # control characters (an escape, a NUL, CR), surrogates, private or unassigned
 
 
 def clean_prompt(prompt: str | None) -> str:
-    """The prompt as sent: control characters removed, whitespace folded, length checked."""
-    text = "".join(ch if _keep_in_prompt(ch) else " " for ch in (prompt or ""))
+    """The prompt as sent: control characters turned to spaces, invisible format characters
+    dropped (joiners of emoji sequences and scripts kept), whitespace folded, length checked."""
+    text = "".join(_prompt_char(ch) for ch in (prompt or ""))
     text = re.sub(r"[ \t]+", " ", text).strip()
     if len(text) > MAX_PROMPT_CHARS:
         raise InputError(
