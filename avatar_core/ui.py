@@ -26,6 +26,7 @@ import secrets as _secrets
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -1166,14 +1167,42 @@ class Handlers:
         self._input_checks = threading.BoundedSemaphore(INPUT_CHECK_CONCURRENCY)
         # The app's gr.Blocks (set by app.build_demo): its upload cache is held to the size cap.
         self.blocks: Any = None
+        # Files an input check is reading right now (uploads, local paths), by how many checks.
+        self._being_checked: dict[str, int] = {}
+        self._being_checked_lock = threading.Lock()
 
     def sweep_to_size(self) -> int:
-        """The size caps (:func:`sweep_to_size`), sparing the running jobs' inputs; never raises."""
+        """The size caps (:func:`sweep_to_size`), sparing the running jobs' inputs and the
+        files being checked; never raises."""
         try:
-            return sweep_to_size(self.settings, blocks=self.blocks, in_use=self.running.inputs_in_use())
+            with self._being_checked_lock:
+                checking = set(self._being_checked)
+            return sweep_to_size(self.settings, blocks=self.blocks,
+                                 in_use=self.running.inputs_in_use() | checking)
         except Exception:  # noqa: BLE001 - upkeep must never stop a check or a job
             log.exception("retention: the size sweep failed")
             return 0
+
+    @contextmanager
+    def _checking(self, *sources: str | None):
+        """While a check reads ``sources`` (the local ones), the size sweep leaves them."""
+        # Files only: a Link (a visitor's typed text) names nothing on this machine.
+        paths = [os.fspath(src) for src in sources if isinstance(src, (str, os.PathLike)) and src
+                 and "://" not in os.fspath(src)]
+        with self._being_checked_lock:
+            for p in paths:
+                self._being_checked[p] = self._being_checked.get(p, 0) + 1
+        try:
+            yield
+        finally:
+            with self._being_checked_lock:
+                for p in paths:
+                    left = self._being_checked.get(p, 1) - 1
+                    if left > 0:
+                        self._being_checked[p] = left
+                    else:
+                        self._being_checked.pop(p, None)
+            self.sweep_to_size()  # the check may have written files
 
     @property
     def server_keys_open(self) -> bool:
@@ -1202,13 +1231,12 @@ class Handlers:
         if source is None:
             return None, ""
         try:
-            check = check_image(source, settings=self.settings)
+            with self._checking(source):
+                check = check_image(source, settings=self.settings)
         except AvatarError as exc:
             return None, problem_markdown(exc.message)
         except Exception as exc:  # noqa: BLE001 - never a traceback in the page
             return None, problem_markdown(friendly_unexpected(exc))
-        finally:
-            self.sweep_to_size()  # the check may have written a file
         return check.preview, image_check_markdown(check)
 
     def check_audio(
@@ -1221,16 +1249,15 @@ class Handlers:
         if source is None:
             return None, "", None
         try:
-            check = check_audio(
-                source, provider=provider, settings=self.settings, trim_silence=bool(trim), tier=tier,
-                version=version or None,
-            )
+            with self._checking(source):
+                check = check_audio(
+                    source, provider=provider, settings=self.settings, trim_silence=bool(trim), tier=tier,
+                    version=version or None,
+                )
         except AvatarError as exc:
             return None, problem_markdown(exc.message), None
         except Exception as exc:  # noqa: BLE001
             return None, problem_markdown(friendly_unexpected(exc)), None
-        finally:
-            self.sweep_to_size()  # the check may have written files
         return str(check.waveform_png), audio_check_markdown(check), check.duration_s
 
     # -- the job
@@ -1381,11 +1408,8 @@ class Handlers:
         """prepare_inputs, at most INPUT_CHECK_CONCURRENCY at once in this process (in a worker thread)."""
         from .media.inputs import prepare_inputs
 
-        with self._input_checks:
-            try:
-                return prepare_inputs(image_src, audio_src, settings=self.settings, **kw)
-            finally:
-                self.sweep_to_size()  # the checks may have written files
+        with self._input_checks, self._checking(image_src, audio_src):
+            return prepare_inputs(image_src, audio_src, settings=self.settings, **kw)
 
     # -- after a job, and the Stop button
 

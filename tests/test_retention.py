@@ -216,6 +216,12 @@ def test_a_check_that_writes_a_file_sweeps_and_spares_a_running_jobs_inputs(out,
         assert preview is not None, words
         assert not stale.exists() and used.exists()
         assert list((out / "inputs").glob("image-*"))  # the new check's own file stays
+        # A check reading an old file elsewhere (a Generate's upload) keeps it while it reads.
+        being_read = _aged(out / "inputs" / "audio-2222222222222222.wav", 7 * HOUR, 2 * MB)
+        with h._checking(str(being_read)):
+            await asyncio.to_thread(h.sweep_to_size)
+            assert being_read.exists() and used.exists()
+        assert not being_read.exists()  # its check is over: the end-of-check sweep took it
         gate.set()
         await job.task
         assert h.running.inputs_in_use() == set()
