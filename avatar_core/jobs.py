@@ -64,7 +64,6 @@ from .events import (
 from .media.pricing import estimate_cost
 from .polling import BACKOFF_BASE_S, PollSchedule, backoff
 from .providers import LABELS, make_provider
-from .store import MICROUSD_PER_USD
 from .providers.base import (
     Completed,
     Failed,
@@ -77,6 +76,7 @@ from .providers.base import (
     model_id,
     shared_ssl_context,
 )
+from .store import MICROUSD_PER_USD
 
 log = logging.getLogger("avatar_core.jobs")
 
@@ -345,7 +345,7 @@ async def _guarded(ctx: _Context, stages: AsyncIterator[JobEvent]) -> AsyncItera
         exc.message = redact(exc.message, ctx.secrets)
         _record_end(ctx, exc)
         yield _failed_event(exc, ctx.provider.name, ctx.handle.request_id if ctx.handle else None, ctx.elapsed())
-    except Exception as exc:  # a bug of ours: keep the job findable, show no traceback
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: logged (scrubbed), the job kept findable
         # A bug of ours, but its text may quote a provider's answer: the traceback is scrubbed too.
         log.error("unexpected error in job %s:\n%s", ctx.handle.request_id if ctx.handle else "(not submitted)",
                   redact("".join(traceback.format_exception(exc)), ctx.secrets))

@@ -1020,7 +1020,7 @@ def sweep_to_size(settings: Settings, *, blocks: Any = None, in_use: Iterable[st
     if blocks is not None:
         try:
             cached = upload_cache_files(blocks)
-        except Exception:  # noqa: BLE001 - upkeep must never stop the app
+        except Exception:  # upkeep must never stop the app
             log.exception("retention: could not list Gradio's upload cache")
             cached = set()
         gone = _oldest_first_until(_listed(Path(f) for f in cached), cap, protected, cutoff)
@@ -1179,7 +1179,7 @@ class Handlers:
                 checking = set(self._being_checked)
             return sweep_to_size(self.settings, blocks=self.blocks,
                                  in_use=self.running.inputs_in_use() | checking)
-        except Exception:  # noqa: BLE001 - upkeep must never stop a check or a job
+        except Exception:  # upkeep must never stop a check or a job
             log.exception("retention: the size sweep failed")
             return 0
 
