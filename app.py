@@ -269,6 +269,9 @@ def build_demo(settings: Settings | None = None, *, store=None, host: str | None
         ).then(h.show_history, visitor, history_outputs, **private)
 
     demo.queue(default_concurrency_limit=ui.DEFAULT_CONCURRENCY, max_size=ui.QUEUE_MAX_SIZE)
+    # Its upload cache is held to AVATAR_INPUTS_MAX_MB after every check, job and upload.
+    h.blocks = demo
+    demo.sweep_to_size = h.sweep_to_size  # for launch(): the upload route's sweep
     return demo
 
 
@@ -277,11 +280,14 @@ def launch(demo: gr.Blocks, settings: Settings | None = None, **overrides):
     settings = settings or load_settings()
     from starlette.middleware import Middleware
 
-    from avatar_core.serving import InlineMediaOnly
+    from avatar_core.serving import InlineMediaOnly, SweepAfterUpload
 
     app_kwargs = dict(overrides.pop("app_kwargs", None) or {})
     # Served files show inline only as the media the app writes; anything else is a download.
     app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(InlineMediaOnly)]
+    sweep = getattr(demo, "sweep_to_size", None)
+    if sweep is not None:  # every upload is followed by the upload cache's size cap
+        app_kwargs["middleware"].append(Middleware(SweepAfterUpload, sweep=sweep))
     options = {
         **ui.launch_options(),
         "theme": THEME,

@@ -25,6 +25,11 @@ DEFAULT_MAX_VIDEO_BYTES = 500 * 1024 * 1024
 # on a laptop or a Space's persistent disk, without filling either.
 DEFAULT_RETENTION_DAYS = 30
 DEFAULT_RETENTION_MAX_MB = 5000
+# Checked inputs, link downloads and unfinished renders (outputs/inputs + outputs/work),
+# and separately Gradio's upload cache: each at most this many MB, oldest first. A 300 s
+# stereo WAV is about 58 MB, so this is a few dozen checks' worth, well past what the
+# jobs of the last minutes need.
+DEFAULT_INPUTS_MAX_MB = 2000
 # Per-visitor limits on a shared deployment (see guard.py). Two at once lets someone
 # compare providers side by side; twenty a day is a long working session, while a
 # script hammering the server's keys stops there.
@@ -188,6 +193,9 @@ class Settings:
     # folder passes this size; the rows stay. None = keep forever. Never a running job's.
     retention_days: int | None = DEFAULT_RETENTION_DAYS
     retention_max_mb: int | None = DEFAULT_RETENTION_MAX_MB
+    # outputs/inputs + outputs/work, and Gradio's upload cache: each at most this many MB
+    # (oldest first; never a file in use or changed in the last minutes). None = no cap.
+    inputs_max_mb: int | None = DEFAULT_INPUTS_MAX_MB
 
     def has_key(self, provider: str) -> bool:
         """True when every key the provider needs is configured."""
@@ -268,6 +276,7 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | os.Pa
     kwargs["daily_spend_cap_usd"] = _spend_cap(merged, "AVATAR_DAILY_SPEND_CAP_USD")
     kwargs["retention_days"] = _limit(merged, "AVATAR_RETENTION_DAYS", DEFAULT_RETENTION_DAYS)
     kwargs["retention_max_mb"] = _limit(merged, "AVATAR_RETENTION_MAX_MB", DEFAULT_RETENTION_MAX_MB)
+    kwargs["inputs_max_mb"] = _limit(merged, "AVATAR_INPUTS_MAX_MB", DEFAULT_INPUTS_MAX_MB)
     return Settings(**kwargs)
 
 

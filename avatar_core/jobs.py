@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import re
 import shutil
 import time
+import traceback
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +76,7 @@ from .providers.base import (
     model_id,
     shared_ssl_context,
 )
+from .store import MICROUSD_PER_USD
 
 log = logging.getLogger("avatar_core.jobs")
 
@@ -234,6 +237,8 @@ async def resume(
     try:
         yield Submitted(provider, request_id, ctx.handle.model, ctx.elapsed())
         async for event in drive:
+            if isinstance(event, Done) and event.cost_usd is not None:
+                _correct_ledger(store, provider, request_id, event.cost_usd)
             yield event
     finally:
         await drive.aclose()
@@ -259,13 +264,24 @@ def inputs_to_send(prepared: Any, provider: str) -> tuple[str, str]:
 _KEPT_FORMAT_CHARS = frozenset({"\u200d", "\u200c"}) | frozenset(chr(c) for c in range(0xE0020, 0xE0080))
 
 
-def _keep_in_prompt(ch: str) -> bool:
-    return ch in "\n\t" or ch in _KEPT_FORMAT_CHARS or unicodedata.category(ch)[0] != "C"
+def _prompt_char(ch: str) -> str:
+    """What ``ch`` becomes in the prompt sent: itself, nothing, or a space."""
+    if ch in "\n\t" or ch in _KEPT_FORMAT_CHARS:
+        return ch
+    category = unicodedata.category(ch)
+    if category[0] != "C":
+        return ch
+    if category == "Cf":
+        # Other invisible format characters (soft hyphen, LRM/RLM, word joiner, zero-width
+        # space, BOM) sit inside words: dropped, so the word stays whole.
+        return ""
+    return " "  # control characters (an escape, a NUL, CR), surrogates, private or unassigned
 
 
 def clean_prompt(prompt: str | None) -> str:
-    """The prompt as sent: control characters removed, whitespace folded, length checked."""
-    text = "".join(ch if _keep_in_prompt(ch) else " " for ch in (prompt or ""))
+    """The prompt as sent: control characters turned to spaces, invisible format characters
+    dropped (joiners of emoji sequences and scripts kept), whitespace folded, length checked."""
+    text = "".join(_prompt_char(ch) for ch in (prompt or ""))
     text = re.sub(r"[ \t]+", " ", text).strip()
     if len(text) > MAX_PROMPT_CHARS:
         raise InputError(
@@ -329,8 +345,10 @@ async def _guarded(ctx: _Context, stages: AsyncIterator[JobEvent]) -> AsyncItera
         exc.message = redact(exc.message, ctx.secrets)
         _record_end(ctx, exc)
         yield _failed_event(exc, ctx.provider.name, ctx.handle.request_id if ctx.handle else None, ctx.elapsed())
-    except Exception as exc:  # a bug of ours: keep the job findable, show no traceback
-        log.exception("unexpected error in job %s", ctx.handle.request_id if ctx.handle else "(not submitted)")
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: logged (scrubbed), the job kept findable
+        # A bug of ours, but its text may quote a provider's answer: the traceback is scrubbed too.
+        log.error("unexpected error in job %s:\n%s", ctx.handle.request_id if ctx.handle else "(not submitted)",
+                  redact("".join(traceback.format_exception(exc)), ctx.secrets))
         rid = ctx.handle.request_id if ctx.handle else None
         message = f"Something went wrong in this app ({type(exc).__name__})."
         if rid:
@@ -739,7 +757,8 @@ async def _cancel_remote(ctx: _Context) -> None:
             # Shielded and bounded: the consumer is already gone, but the job costs money.
             cancelled = await asyncio.wait_for(asyncio.shield(ctx.provider.cancel(ctx.handle)), timeout=10)
         except (AvatarError, asyncio.TimeoutError, asyncio.CancelledError) as exc:
-            log.warning("could not cancel %s: %s", ctx.handle.request_id, exc)
+            # The provider's words may echo the key or a header: scrubbed here, not only by the log filter.
+            log.warning("could not cancel %s: %s", ctx.handle.request_id, redact(str(exc), ctx.secrets))
     if cancelled:
         _update(ctx, status="cancelled", detail="cancelled at the provider")
     else:
@@ -795,6 +814,21 @@ def _update(ctx: _Context, **fields) -> None:
         return
     ctx.last_status = status or ctx.last_status
     _store_call(ctx.store, "update", ctx.handle.provider, ctx.handle.request_id, **fields)
+
+
+def _correct_ledger(store: Any, provider: str, request_id: str, cost_usd: float) -> None:
+    """A resumed job's usage row gets the real price of the video that came back.
+
+    A job started in Generate is settled by its ticket (guard.Ticket.watch); one finished
+    by ``resume`` (after a restart, a deadline, a dropped page) has no ticket any more, so
+    its row would keep the estimate.
+    """
+    if store is None or not hasattr(store, "correct_job_usage") or not (cost_usd >= 0 and math.isfinite(cost_usd)):
+        return
+    usage = _store_call(store, "correct_job_usage", provider, request_id,
+                        cost_microusd=round(cost_usd * MICROUSD_PER_USD), now=time.time())
+    if usage is not None:
+        log.info("usage ledger: resumed job %s cost corrected to %.4f USD", request_id, cost_usd)
 
 
 def _store_call(store: Any, method: str, *args, **kwargs):

@@ -64,3 +64,42 @@ class InlineMediaOnly:
             await send(message)
 
         await self.app(scope, receive, guarded_send)
+
+
+# Gradio 6's upload route (and its older name): where a visitor's files enter the cache.
+UPLOAD_ROUTES = ("/gradio_api/upload", "/upload")
+
+
+class SweepAfterUpload:
+    """ASGI middleware: after every upload, run ``sweep`` (the size cap of Gradio's upload cache).
+
+    An upload needs no event of the app's: without this, a script could fill the cache
+    through the upload route alone. The sweep runs in a worker thread once Gradio has
+    stored the files, just before the last byte of its answer goes out (so the uploader
+    cannot outrun it), at most one at a time (an upload meanwhile is covered by the next).
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], sweep: Callable[[], Any]) -> None:
+        self.app = app
+        self.sweep = sweep
+        self._busy = False
+
+    async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
+        path = scope.get("path", "")
+        if scope.get("type") != "http" or scope.get("method") != "POST" or not path.rstrip("/").endswith(
+                UPLOAD_ROUTES):
+            await self.app(scope, receive, send)
+            return
+
+        async def sweeping_send(message: Message) -> None:
+            if message.get("type") == "http.response.body" and not message.get("more_body") and not self._busy:
+                import anyio
+
+                self._busy = True
+                try:
+                    await anyio.to_thread.run_sync(self.sweep)
+                finally:
+                    self._busy = False
+            await send(message)
+
+        await self.app(scope, receive, sweeping_send)

@@ -615,6 +615,25 @@ class JobStore:
             )
             return _usage(conn, row[0], row[1])
 
+    def correct_job_usage(self, provider: str, request_id: str, *, cost_microusd: int, now: float) -> Usage | None:
+        """:meth:`correct_usage` for the ledger row of a job known by its provider and request id.
+
+        For a job finished by ``resume`` (after a restart or a timeout), whose ticket is long
+        gone: the row :meth:`commit_usage` linked to the request id gets the real cost. None
+        when no row names the job (started elsewhere or from the CLI, never submitted here,
+        or pruned after :data:`USAGE_KEEP_DAYS`); nothing is written then.
+        """
+        _require_text(provider=provider, request_id=request_id)
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT id FROM usage_ledger WHERE provider = ? AND request_id = ? AND state = ? "
+                "ORDER BY id DESC LIMIT 1",
+                (provider, request_id, COMMITTED),
+            ).fetchone()
+        if row is None:
+            return None
+        return self.correct_usage(int(row[0]), cost_microusd=cost_microusd, now=now)
+
     def release_usage(self, usage_id: int) -> bool:
         """Drop a reservation that was never submitted (it no longer counts). False if committed."""
         with self._write() as conn:

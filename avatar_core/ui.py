@@ -26,10 +26,11 @@ import secrets as _secrets
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
 
 import gradio as gr
 
@@ -771,8 +772,10 @@ class DetachedJob:
     stops a submitted job, cancelling it at the provider where the provider can.
     """
 
-    def __init__(self, events: AsyncIterator[JobEvent], owner: str | None, registry: "RunningJobs") -> None:
+    def __init__(self, events: AsyncIterator[JobEvent], owner: str | None, registry: "RunningJobs",
+                 inputs: Sequence[str | Path] = ()) -> None:
         self.owner = owner
+        self.inputs = tuple(str(p) for p in inputs if p and "://" not in str(p))  # files it reads
         self.provider: str | None = None
         self.request_id: str | None = None
         self._registry = registry
@@ -797,6 +800,7 @@ class DetachedJob:
             await events.aclose()
             self._ended = True
             self._registry._remove(self)
+            self._registry._live.discard(self)
             self._queue.put_nowait(_END)
 
     async def follow(self) -> AsyncIterator[JobEvent]:
@@ -839,9 +843,19 @@ class RunningJobs:
 
     def __init__(self) -> None:
         self._jobs: dict[tuple[str, str], DetachedJob] = {}
+        self._live: set[DetachedJob] = set()  # submitted or not, until they end
 
-    def start(self, events: AsyncIterator[JobEvent], *, owner: str | None) -> DetachedJob:
-        return DetachedJob(events, owner, self)
+    def start(self, events: AsyncIterator[JobEvent], *, owner: str | None,
+              inputs: Sequence[str | Path] = ()) -> DetachedJob:
+        """Drive ``events`` in a task of its own; ``inputs`` are the files it reads (kept from the sweep)."""
+        job = DetachedJob(events, owner, self, inputs)
+        if not job._ended:
+            self._live.add(job)
+        return job
+
+    def inputs_in_use(self) -> set[str]:
+        """The input files of every job still running here (the size sweep leaves them)."""
+        return {p for job in list(self._live) for p in job.inputs}
 
     def find(self, provider: str, request_id: str) -> DetachedJob | None:
         return self._jobs.get((provider, request_id))
@@ -879,9 +893,15 @@ class RunningJobs:
 SWEPT_FOLDERS = ("inputs", "work", "videos")
 # How often Gradio looks for old files in its upload cache (at most): hourly.
 CACHE_SWEEP_EVERY_S = 3600
+# The folders capped in size (AVATAR_INPUTS_MAX_MB, together), besides Gradio's upload cache.
+SIZE_CAPPED_FOLDERS = ("inputs", "work")
+# A file changed this recently is never removed for size: a check writing it, a render
+# growing it, an upload a check is about to read (a reused input is touched when reused).
+IN_USE_GRACE_S = 600
 
 
-def apply_retention(store: Any, settings: Settings, *, now: float | None = None) -> int:
+def apply_retention(store: Any, settings: Settings, *, now: float | None = None, blocks: Any = None,
+                    in_use: Iterable[str | Path] = ()) -> int:
     """Delete what the retention settings say is old; returns how many files went.
 
     Videos of the history: per ``JobStore.cleanup`` (older than AVATAR_RETENTION_DAYS
@@ -890,6 +910,7 @@ def apply_retention(store: Any, settings: Settings, *, now: float | None = None)
     the output folder (:data:`SWEPT_FOLDERS`) goes once it is older than
     AVATAR_RETENTION_DAYS (by modification time), except a file the history still names.
     Gradio's upload cache is swept by Gradio itself on the same age (:func:`cache_retention`).
+    Then the size caps (:func:`sweep_to_size`; ``blocks`` and ``in_use`` are for it).
     """
     removed = 0
     if store is not None and not (settings.retention_days is None and settings.retention_max_mb is None):
@@ -904,7 +925,112 @@ def apply_retention(store: Any, settings: Settings, *, now: float | None = None)
         if cleaned:
             log.info("retention: deleted %d old video(s) from %s", len(cleaned), settings.output_dir)
         removed += len(cleaned)
-    return removed + sweep_old_files(store, settings, now=now)
+    removed += sweep_old_files(store, settings, now=now)
+    return removed + sweep_to_size(settings, blocks=blocks, in_use=in_use, now=now)
+
+
+def _oldest_first_until(files: list[tuple[Path, float, int]], max_bytes: int, protected: set[str],
+                        cutoff: float) -> list[Path]:
+    """Delete (path, mtime, size) oldest first until the total is at most ``max_bytes``.
+
+    Files in ``protected`` (resolved paths) or changed at or after ``cutoff`` stay, and
+    still count. Returns what went.
+    """
+    total = sum(size for _, _, size in files)
+    gone: list[Path] = []
+    for path, mtime, size in sorted(files, key=lambda f: f[1]):
+        if total <= max_bytes:
+            break
+        if mtime >= cutoff or str(path.resolve()) in protected:
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("retention: could not delete %s: %s", path.name, exc)
+            continue
+        total -= size
+        gone.append(path)
+    return gone
+
+
+def _listed(paths: Iterable[Path]) -> list[tuple[Path, float, int]]:
+    out = []
+    for path in paths:
+        try:
+            if path.is_symlink() or not path.is_file():
+                continue
+            st = path.stat()
+        except OSError:
+            continue
+        out.append((path, st.st_mtime, st.st_size))
+    return out
+
+
+def upload_cache_files(blocks: Any) -> set[str]:
+    """The files Gradio's upload cache holds for ``blocks`` (this app), minus the ones it keeps.
+
+    Only this app's own files (uploads, and files Gradio copied there for its
+    components): the default folder (``<temp>/gradio``, or GRADIO_TEMP_DIR) may be shared
+    with other Gradio apps on the machine, whose files are not ours to judge. Examples and
+    default values (``keep_in_cache``) stay, as Gradio's own sweep leaves them.
+    """
+    keep: set[str] = set()
+    for component in list(getattr(blocks, "blocks", {}).values()):
+        keep.update(getattr(component, "keep_in_cache", set()))
+    files: set[str] = set()
+    for temp_set in list(getattr(blocks, "temp_file_sets", [])):
+        files.update(str(f) for f in list(temp_set))
+    return files - keep
+
+
+def sweep_to_size(settings: Settings, *, blocks: Any = None, in_use: Iterable[str | Path] = (),
+                  now: float | None = None) -> int:
+    """Hold outputs/inputs + outputs/work, and Gradio's upload cache, each to AVATAR_INPUTS_MAX_MB.
+
+    Oldest first (by modification time) until the folder's total is at most the cap. Never
+    a file in ``in_use`` (the inputs of the jobs this app is running), nor one changed in the
+    last :data:`IN_USE_GRACE_S` (a check or render still writing it, an upload a check is
+    reading, an input a job just reused): those still count, so a burst can leave a folder
+    over its cap until they age. The upload cache is swept only when ``blocks`` (this app's
+    ``gr.Blocks``) is given, and only of the app's own files (:func:`upload_cache_files`).
+    Returns how many files went.
+    """
+    if settings.inputs_max_mb is None:
+        return 0
+    cap = settings.inputs_max_mb * 1024 * 1024
+    cutoff = (time.time() if now is None else now) - IN_USE_GRACE_S
+    protected: set[str] = set()
+    for p in in_use:
+        try:
+            protected.add(str(Path(p).resolve()))
+        except (OSError, RuntimeError, ValueError):
+            continue
+    root = Path(settings.output_dir)
+    ours: list[Path] = []
+    for folder in SIZE_CAPPED_FOLDERS:
+        base = root / folder
+        if base.is_dir() and not base.is_symlink():
+            ours.extend(base.rglob("*"))
+    removed = len(_oldest_first_until(_listed(ours), cap, protected, cutoff))
+    if removed:
+        log.info("retention: deleted %d old input file(s): %s over %d MB", removed,
+                 " + ".join(f"{root / f}" for f in SIZE_CAPPED_FOLDERS), settings.inputs_max_mb)
+    if blocks is not None:
+        try:
+            cached = upload_cache_files(blocks)
+        except Exception:  # upkeep must never stop the app
+            log.exception("retention: could not list Gradio's upload cache")
+            cached = set()
+        gone = _oldest_first_until(_listed(Path(f) for f in cached), cap, protected, cutoff)
+        for temp_set in list(getattr(blocks, "temp_file_sets", [])):
+            temp_set.difference_update(str(p) for p in gone)
+        if gone:
+            log.info("retention: deleted %d old upload(s) from Gradio's upload cache: over %d MB", len(gone),
+                     settings.inputs_max_mb)
+        removed += len(gone)
+    return removed
 
 
 def sweep_old_files(store: Any, settings: Settings, *, now: float | None = None) -> int:
@@ -1039,6 +1165,44 @@ class Handlers:
         # Where the app listens decides whether anonymous visitors may spend the server's keys.
         self.guard = guard or Guard(self.settings, store, host=host or launch_options()["server_name"])
         self._input_checks = threading.BoundedSemaphore(INPUT_CHECK_CONCURRENCY)
+        # The app's gr.Blocks (set by app.build_demo): its upload cache is held to the size cap.
+        self.blocks: Any = None
+        # Files an input check is reading right now (uploads, local paths), by how many checks.
+        self._being_checked: dict[str, int] = {}
+        self._being_checked_lock = threading.Lock()
+
+    def sweep_to_size(self) -> int:
+        """The size caps (:func:`sweep_to_size`), sparing the running jobs' inputs and the
+        files being checked; never raises."""
+        try:
+            with self._being_checked_lock:
+                checking = set(self._being_checked)
+            return sweep_to_size(self.settings, blocks=self.blocks,
+                                 in_use=self.running.inputs_in_use() | checking)
+        except Exception:  # upkeep must never stop a check or a job
+            log.exception("retention: the size sweep failed")
+            return 0
+
+    @contextmanager
+    def _checking(self, *sources: str | None):
+        """While a check reads ``sources`` (the local ones), the size sweep leaves them."""
+        # Files only: a Link (a visitor's typed text) names nothing on this machine.
+        paths = [os.fspath(src) for src in sources if isinstance(src, (str, os.PathLike)) and src
+                 and "://" not in os.fspath(src)]
+        with self._being_checked_lock:
+            for p in paths:
+                self._being_checked[p] = self._being_checked.get(p, 0) + 1
+        try:
+            yield
+        finally:
+            with self._being_checked_lock:
+                for p in paths:
+                    left = self._being_checked.get(p, 1) - 1
+                    if left > 0:
+                        self._being_checked[p] = left
+                    else:
+                        self._being_checked.pop(p, None)
+            self.sweep_to_size()  # the check may have written files
 
     @property
     def server_keys_open(self) -> bool:
@@ -1067,7 +1231,8 @@ class Handlers:
         if source is None:
             return None, ""
         try:
-            check = check_image(source, settings=self.settings)
+            with self._checking(source):
+                check = check_image(source, settings=self.settings)
         except AvatarError as exc:
             return None, problem_markdown(exc.message)
         except Exception as exc:  # noqa: BLE001 - never a traceback in the page
@@ -1084,10 +1249,11 @@ class Handlers:
         if source is None:
             return None, "", None
         try:
-            check = check_audio(
-                source, provider=provider, settings=self.settings, trim_silence=bool(trim), tier=tier,
-                version=version or None,
-            )
+            with self._checking(source):
+                check = check_audio(
+                    source, provider=provider, settings=self.settings, trim_silence=bool(trim), tier=tier,
+                    version=version or None,
+                )
         except AvatarError as exc:
             return None, problem_markdown(exc.message), None
         except Exception as exc:  # noqa: BLE001
@@ -1222,7 +1388,7 @@ class Handlers:
                 settings=self.settings, api_key=key, store=self.store, owner=owner,
                 audio_seconds=prepared.audio.duration_s, estimated_cost_usd=prepared.cost.usd,
             ))
-            job = self.running.start(jobs, owner=owner)
+            job = self.running.start(jobs, owner=owner, inputs=(image_in, audio_in))
         except BaseException:
             ticket.close()
             raise
@@ -1242,7 +1408,7 @@ class Handlers:
         """prepare_inputs, at most INPUT_CHECK_CONCURRENCY at once in this process (in a worker thread)."""
         from .media.inputs import prepare_inputs
 
-        with self._input_checks:
+        with self._input_checks, self._checking(image_src, audio_src):
             return prepare_inputs(image_src, audio_src, settings=self.settings, **kw)
 
     # -- after a job, and the Stop button
@@ -1250,7 +1416,7 @@ class Handlers:
     def finished(self, job: dict | None, history: list[dict] | None) -> tuple[Any, Any, list[dict]]:
         """Add a finished job to the session list; show its download button."""
         if job:
-            apply_retention(self.store, self.settings)
+            apply_retention(self.store, self.settings, blocks=self.blocks, in_use=self.running.inputs_in_use())
         history = add_to_history(history, job)
         download = gr.update(value=job["path"], visible=True) if job else gr.update()
         return download, history_radio(history, history_key(job) if job else None), history

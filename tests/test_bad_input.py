@@ -450,6 +450,20 @@ async def test_emoji_sequences_reach_the_provider_intact(handlers, emu, good):
     assert submits[-1].json["prompt"] == EMOJI_PROMPT  # the bell and the bidi override are gone
 
 
+# Invisible format characters pasted inside words (a soft hyphen, LRM/RLM, a word joiner,
+# a BOM, a zero-width space): dropped, not turned into spaces that split the words.
+FORMAT_PROMPT = ("\ufeffA cheer\u00adful wave, then a gen\u2060tle nod for \u200eAl\u200fice\u200b, "
+                 "👩\u200d💻 typing\x1bon")
+
+
+async def test_invisible_format_characters_do_not_split_words_on_the_wire(handlers, emu, good):
+    frames = await _generate(handlers, image=str(good[0]), audio=str(good[1]), prompt=FORMAT_PROMPT, api_key=WS_KEY)
+    assert "Done in" in frames[-1][0], frames[-1][0]
+    sent = emu.requests_to("POST", r"^/api/v3/kwaivgi/")[-1].json["prompt"]
+    # Words whole, the emoji's joiner kept, the escape (a control character) still a space.
+    assert sent == "A cheerful wave, then a gentle nod for Alice, 👩\u200d💻 typing on"
+
+
 # A pasted key with a Cyrillic look-alike (position 3), a zero-width space that strip()
 # keeps (position 7), or a line break inside a two-part fal.ai key (position 10).
 BAD_KEYS = [("wavespeed", "ws\u0430-bad-input-key", 3), ("wavespeed", "ws-bad\u200b-input-key-3141", 7),

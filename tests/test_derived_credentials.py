@@ -71,3 +71,51 @@ def test_redact_knows_derived_credentials_by_their_shape():
             '{"authorization": "Key id:secret"} Bearer r8_abcdefgh. Key expired; check the key.')
     assert redact(text, []) == ('Authorization: Bearer **** x-api-key: **** {"authorization": "Key ****"} '
                                 'Bearer **** Key expired; check the key.')
+
+
+FAL_KEY = "fal-CANCELLEAK-key:5e5e5e5e5e"
+
+
+async def test_a_cancel_error_echoing_the_key_is_scrubbed_before_it_is_logged(inputs, tmp_path, caplog):
+    # Closing a submitted fal.ai job cancels it at the provider; the provider refuses with
+    # an answer that quotes the key and the header. caplog has no redaction filter: the
+    # job loop itself must scrub what it logs.
+    from avatar_core.events import Submitted
+
+    caplog.set_level(logging.DEBUG)
+    echo = f"cancel refused for key {FAL_KEY} (sent Authorization: Key {FAL_KEY})"
+    with Emulator(queue_s=5.0, processing_s=5.0, video_maker=tone_video_maker) as emu:
+        emu.faults.add(Fault("status", r"/cancel$", method="PUT", status=500, count=None, message=echo))
+        settings = replace(load_settings(env={}, dotenv_path=None), fal_key=Secret(FAL_KEY), fal_base_url=emu.url,
+                           output_dir=tmp_path, poll_typical_s=1.0)
+        run = jobs.run_job("fal", *inputs, settings=settings, store=JobStore(tmp_path / "jobs.sqlite3"))
+        async for event in run:
+            if isinstance(event, Submitted):
+                break
+        await run.aclose()
+        cancels = emu.requests_to("PUT", r"/cancel$")
+    assert cancels, "the job was never cancelled at the provider"
+    assert all(r.header("authorization") == f"Key {FAL_KEY}" for r in cancels)  # the key did go over the wire
+    lines = [r.getMessage() for r in caplog.records if "could not cancel" in r.getMessage()]
+    assert lines and "cancel refused for key ****" in lines[0], lines
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert FAL_KEY not in logged and "5e5e5e5e5e" not in logged
+
+
+async def test_a_bug_whose_text_quotes_the_key_is_logged_scrubbed(inputs, tmp_path, caplog, monkeypatch):
+    # An unexpected exception (a bug of ours) whose text carries what a provider sent.
+    caplog.set_level(logging.DEBUG)
+    key = "ws-BUGLEAK-key-77777777"
+
+    def broken_probe(path):
+        raise ValueError(f"could not parse the answer {{'echo': 'Bearer {key}', 'key': '{key}'}}")
+
+    monkeypatch.setattr(jobs, "probe_duration", broken_probe)
+    with Emulator(queue_s=0.1, processing_s=0.2, video_maker=tone_video_maker) as emu:
+        settings = replace(load_settings(env={}, dotenv_path=None), wavespeed_api_key=Secret(key),
+                           wavespeed_base_url=emu.url, output_dir=tmp_path, poll_typical_s=0.5)
+        events = await collect(jobs.run_job("wavespeed", *inputs, settings=settings))
+    assert isinstance(events[-1], FailedEvent) and key not in events[-1].message
+    text = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
+    assert "unexpected error in job" in text and "ValueError: could not parse the answer" in text
+    assert key not in text and "****" in text

@@ -271,6 +271,17 @@ def test_prompt_control_characters_are_removed():
     assert jobs.clean_prompt("hello\x00 \x1b[31mworld\u200b ") == "hello [31mworld"
 
 
+@pytest.mark.parametrize("ch", ["\u00ad", "\u200e", "\u200f", "\u2060", "\ufeff", "\u200b", "\u202e"])
+def test_invisible_format_characters_are_dropped_without_a_space(ch):
+    assert jobs.clean_prompt(f"{ch}gen{ch}tle{ch} nod") == "gentle nod"
+
+
+def test_joiners_and_tags_stay_and_controls_become_spaces():
+    flag = "\U0001F3F4\U000E0067\U000E0062\U000E0073\U000E0063\U000E0074\U000E007F"
+    assert jobs.clean_prompt(f"a\u200db\u200cc {flag}") == f"a\u200db\u200cc {flag}"
+    assert jobs.clean_prompt("one\rtwo\x07three\x85four\nfive\tsix") == "one two three four\nfive six"
+
+
 async def test_a_waiting_job_wakes_only_to_read_its_status(media, settings):
     """No events and no wake-ups between status reads: one sleep and one event per read."""
     clock = FakeClock()

@@ -212,6 +212,74 @@ async def test_the_ledger_follows_the_real_length_both_ways_without_a_notice_und
     assert ledger_rows(store)[1] == ("submitted", done.request_id, round(done.cost_usd * 1_000_000), 1)
 
 
+@pytest.mark.parametrize("how", ["restart", "timeout"])
+async def test_a_job_finished_through_resume_corrects_its_ledger_row(emu, settings, media, tmp_path, how):
+    # Admitted at the price of a 3 s clip; the provider renders 21 s. The job is left
+    # before its video, so no ticket is left to settle: "restart", WaveSpeed, the app goes
+    # away right after the submit (its job is dropped, as a restart drops it); "timeout",
+    # fal.ai, the job passes the app's deadline and is left running. Resume finishes it and
+    # must correct the row.
+    from avatar_core.emulator import JobPlan
+
+    provider = "wavespeed" if how == "restart" else "fal"
+    image, _ = media
+    long_audio = make_tone(tmp_path / "long.wav", "wav", 21.0)
+    version = PROVIDERS[provider][1]
+    estimate = estimate_cost(provider, "standard", version, 3.0).usd
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    guard = Guard(settings, store, host="127.0.0.1", clock=Clock())
+    ticket = guard.admit("alice", provider=provider, uses_server_key=True, estimated_cost_usd=estimate,
+                         logged_in=False)
+    first = settings
+    if how == "timeout":
+        emu.plan_jobs(JobPlan(queue_s=0.1, processing_s=3.0))
+        first = replace(settings, deadline_s=1.0)
+    watched = ticket.watch(jobs.run_job(provider, image, long_audio, settings=first, store=store, owner="alice",
+                                        version=version, audio_seconds=3.0, estimated_cost_usd=estimate))
+    rid = None
+    async for event in watched:
+        if isinstance(event, Submitted):
+            rid = event.request_id
+            if how == "restart":
+                break
+    await watched.aclose()
+    if how == "timeout":
+        assert isinstance(event, FailedEvent) and event.kind == "JobTimedOut", event
+    assert ticket.closed
+    other = ledger_rows(store)  # another job's row must not be touched
+    store.reserve_usage(day="2026-11-10", owner="bob", provider=provider, paid_by_server=True, cost_microusd=7,
+                        now=NOON, check=lambda usage: None)
+    assert other == [("submitted", rid, round(estimate * 1_000_000), 1)]
+
+    after_restart = JobStore(tmp_path / "jobs.sqlite3")
+    events = [e async for e in jobs.resume(provider, rid, settings=settings, store=after_restart, owner="alice")]
+
+    done = events[-1]
+    assert isinstance(done, Done), done
+    real = estimate_cost(provider, "standard", version, done.duration_s).usd
+    assert done.duration_s == pytest.approx(21.0, abs=0.2) and done.cost_usd == real and real > estimate
+    assert ledger_rows(store) == [("submitted", rid, round(real * 1_000_000), 1), ("reserved", None, 7, 1)]
+    assert Guard(settings, after_restart, host="127.0.0.1", clock=Clock()).usage_today("alice") == (
+        1, round(real * 1_000_000) + 7)  # alice's one job; everyone's server-key spend
+    # Only one job went to the provider: resume never submits.
+    assert len(emu.requests_to("POST", PROVIDERS[provider][0])) == 1
+
+
+async def test_resuming_a_job_without_a_ledger_row_writes_none(emu, settings, media, tmp_path):
+    # A job the CLI started (no guard, no row): the resume finishes it and adds nothing.
+    image, audio = media
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    run = jobs.run_job("wavespeed", image, audio, settings=settings, store=store)
+    async for event in run:
+        if isinstance(event, Submitted):
+            rid = event.request_id
+            break
+    await run.aclose()
+    events = [e async for e in jobs.resume("wavespeed", rid, settings=settings, store=store)]
+    assert isinstance(events[-1], Done) and events[-1].cost_usd == 0.25
+    assert ledger_rows(store) == []
+
+
 async def test_a_per_generation_price_is_left_as_it_was(emu, settings, media, tmp_path):
     image, audio = media
     store = JobStore(tmp_path / "jobs.sqlite3")

@@ -141,3 +141,132 @@ def test_gradio_upload_cache_gets_the_same_age(out):
     assert ui.cache_retention(settings) == (3600, 7 * 86400)
     demo = app.build_demo(settings)
     assert demo.delete_cache == (3600, 7 * 86400)
+
+
+# ----------------------------------------------------------------------------- size caps (issue 14.9, review)
+
+MB = 1024 * 1024
+HOUR = 3600.0
+
+
+def _aged(path: Path, age_s: float, size: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * size)
+    when = time.time() - age_s
+    os.utime(path, (when, when))
+    return path
+
+
+def test_inputs_and_work_are_held_to_the_size_cap_oldest_first(out):
+    settings = Settings(output_dir=out, retention_days=30, retention_max_mb=None, inputs_max_mb=5)
+    # Ten 1 MB files, 1..10 hours old, across both folders: 10 MB against a 5 MB cap.
+    staggered = [_aged(out / ("inputs" if i % 2 else "work") / f"f{i:02d}.wav", (i + 1) * HOUR, MB)
+                 for i in range(10)]  # staggered[9] is the oldest
+    running = _aged(out / "inputs" / "audio-running.wav", 20 * HOUR, MB)  # oldest of all, but a job reads it
+    young = [_aged(out / "inputs" / "audio-checking.wav", 60, MB),        # a check just wrote it
+             _aged(out / "work" / "local-rendering.mp4", 5, MB)]          # a render still writing it
+    others = [_aged(out / "videos" / "v.mp4", 20 * HOUR, 3 * MB), _aged(out / "notes.txt", 20 * HOUR, MB)]
+
+    removed = ui.sweep_to_size(settings, in_use=[str(running)])
+
+    # 13 MB counted; the oldest unprotected go until 5 MB: 8 of the 10 staggered files.
+    assert removed == 8
+    assert [p.name for p in staggered if p.exists()] == ["f00.wav", "f01.wav"]
+    assert running.exists() and all(p.exists() for p in young) and all(p.exists() for p in others)
+    total = sum(p.stat().st_size for f in ("inputs", "work") for p in (out / f).rglob("*") if p.is_file())
+    assert total <= 5 * MB
+    # Nothing past the cap, nothing to do; unlimited never deletes.
+    assert ui.sweep_to_size(settings, in_use=[str(running)]) == 0
+    _aged(out / "inputs" / "more.wav", 30 * HOUR, 50 * MB)
+    assert ui.sweep_to_size(replace(settings, inputs_max_mb=None)) == 0
+
+
+def test_the_cap_is_a_documented_setting():
+    assert load_settings(env={}, dotenv_path=None).inputs_max_mb == 2000
+    assert load_settings(env={"AVATAR_INPUTS_MAX_MB": "300"}, dotenv_path=None).inputs_max_mb == 300
+    assert load_settings(env={"AVATAR_INPUTS_MAX_MB": "unlimited"}, dotenv_path=None).inputs_max_mb is None
+    root = Path(__file__).resolve().parents[1]
+    for doc in ("README.md", ".env.example"):
+        assert "AVATAR_INPUTS_MAX_MB" in (root / doc).read_text(), doc
+
+
+def test_a_check_that_writes_a_file_sweeps_and_spares_a_running_jobs_inputs(out, tmp_path):
+    """The page's input check (no job, no gate) is where new files come from: it sweeps too."""
+    import asyncio
+
+    from tests.media_factory import make_image
+
+    settings = Settings(output_dir=out, retention_days=30, retention_max_mb=None, inputs_max_mb=2)
+    h = ui.Handlers(settings)
+    stale = _aged(out / "inputs" / "audio-0000000000000000.wav", 5 * HOUR, 2 * MB)
+    used = _aged(out / "inputs" / "audio-1111111111111111.wav", 6 * HOUR, 2 * MB)
+
+    async def scenario():
+        gate = asyncio.Event()
+
+        async def job_events():  # a job still running, reading ``used``
+            await gate.wait()
+            if False:
+                yield None
+
+        job = h.running.start(job_events(), owner="browser:x", inputs=(str(used), "https://x.test/a.png"))
+        assert h.running.inputs_in_use() == {str(used)}
+        preview, words = await asyncio.to_thread(
+            h.check_image, str(make_image(tmp_path / "face.png", "PNG", (400, 500))), "")
+        assert preview is not None, words
+        assert not stale.exists() and used.exists()
+        assert list((out / "inputs").glob("image-*"))  # the new check's own file stays
+        # A check reading an old file elsewhere (a Generate's upload) keeps it while it reads.
+        being_read = _aged(out / "inputs" / "audio-2222222222222222.wav", 7 * HOUR, 2 * MB)
+        with h._checking(str(being_read)):
+            await asyncio.to_thread(h.sweep_to_size)
+            assert being_read.exists() and used.exists()
+        assert not being_read.exists()  # its check is over: the end-of-check sweep took it
+        gate.set()
+        await job.task
+        assert h.running.inputs_in_use() == set()
+        assert h.sweep_to_size() == 1  # the job is over: its input is old and over the cap
+        assert not used.exists()
+
+    asyncio.run(scenario())
+
+
+def test_uploads_over_http_are_held_to_the_cap_oldest_first(out, tmp_path, monkeypatch):
+    """An upload alone (no check, no job) fills Gradio's cache: each upload is followed by the sweep."""
+    import httpx
+
+    import app
+    from tests.helpers import free_port
+
+    cache = tmp_path / "gradio-cache"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    settings = replace(load_settings(env={"AVATAR_OUTPUT_DIR": str(out), "AVATAR_INPUTS_MAX_MB": "1"},
+                                     dotenv_path=None))
+    demo = app.build_demo(settings)
+    port = free_port()
+    app.launch(demo, settings, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def upload(name: str) -> Path:
+            # As a script sends it: distinct 400 KB bodies, straight to the upload route.
+            body = name.encode() * (400 * 1024 // len(name))
+            r = httpx.post(f"{base}/gradio_api/upload", files={"files": (name, body)}, timeout=30)
+            assert r.status_code == 200, r.text
+            (path,) = r.json()
+            assert Path(path).resolve().is_relative_to(cache.resolve())
+            return Path(path)
+
+        first, second = upload("a.bin"), upload("b.bin")
+        for path, age in ((first, 2 * HOUR), (second, HOUR)):
+            os.utime(path, (time.time() - age,) * 2)
+        other_app = _aged(cache / "someone-else" / "big.bin", 5 * HOUR, 2 * MB)  # not this app's file
+        third = upload("c.bin")
+        # 1.2 MB of this app's uploads against a 1 MB cap: the oldest went, the rest stay.
+        assert not first.exists()
+        assert second.exists() and third.exists() and other_app.exists()
+        fourth = upload("d.bin")  # 1.2 MB again: the hour-old one goes; the others are in their grace period
+        assert not second.exists() and third.exists() and fourth.exists()
+        fifth = upload("e.bin")   # over the cap, but nothing is old enough: a check may be reading them
+        assert third.exists() and fourth.exists() and fifth.exists()
+    finally:
+        demo.close()
