@@ -268,6 +268,8 @@ def build_demo(settings: Settings | None = None, *, store=None, host: str | None
             concurrency_limit=ui.GENERATE_CONCURRENCY, concurrency_id="generate", show_progress="hidden",
         ).then(h.show_history, visitor, history_outputs, **private)
 
+    # The upload fields take uploads only: no URL for Gradio to download, no server path, no data: URL.
+    ui.accept_only_uploads(demo, image, audio)
     demo.queue(default_concurrency_limit=ui.DEFAULT_CONCURRENCY, max_size=ui.QUEUE_MAX_SIZE)
     # Its upload cache is held to AVATAR_INPUTS_MAX_MB after every check, job and upload.
     h.blocks = demo

@@ -729,6 +729,78 @@ def hand_refused_uploads_to_checks(image: gr.Image) -> gr.Image:
     return image
 
 
+UPLOAD_ONLY = "Upload the file itself, or paste its link in the link field."
+
+
+def _in_upload_folder(path: str) -> bool:
+    """Whether ``path`` names a file inside Gradio's upload folder (links and ``..`` resolved)."""
+    from gradio.utils import get_upload_folder
+
+    if "\0" in path:
+        return False
+    try:
+        folder = Path(os.path.realpath(get_upload_folder()))
+        target = Path(os.path.realpath(os.path.abspath(path)))
+        return target != folder and target.is_relative_to(folder) and target.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def is_own_upload(value: Any) -> bool:
+    """Whether an upload parameter's raw payload is a file Gradio received as an upload.
+
+    ``None`` (nothing uploaded) passes. Anything else must be a ``gradio.FileData``
+    (the ``meta`` tag present, as the page and ``gradio_client`` send it) whose ``path``
+    is a file in Gradio's upload folder, and whose ``url`` is no ``data:`` URL. Gradio
+    itself would download an http(s) ``path`` (no size cap, no deadline, its own address
+    rules), skip every path check for a payload without ``meta``, and decode a ``data:``
+    ``url`` of an image into a file: all ways round the upload limit and the link rules.
+    """
+    from gradio_client.utils import is_file_obj_with_meta
+
+    if value is None:
+        return True
+    if not is_file_obj_with_meta(value) or value.get("meta") != {"_type": "gradio.FileData"}:
+        return False
+    url = value.get("url")
+    if url is not None and (not isinstance(url, str) or url.strip().lower().startswith("data:")):
+        return False
+    path = value["path"]
+    if re.match(r"^\s*[A-Za-z][A-Za-z0-9+.-]*:", path):
+        return False  # http:, https:, data:, file:, ...: Gradio's upload route gives absolute paths
+    return _in_upload_folder(path)
+
+
+def accept_only_uploads(demo: gr.Blocks, *components: gr.components.Component) -> None:
+    """Make ``components`` (the upload fields) take only files Gradio received as uploads.
+
+    Checked on the raw payload, before Gradio moves, downloads or decodes anything (see
+    :func:`is_own_upload`), for every event that has one of them as an input: ``/generate``
+    and the page's input checks alike. Anything else ends the event with
+    :data:`UPLOAD_ONLY`; a link belongs in the link field, whose fetcher applies the app's
+    rules (media/fetch.py). Installed on the Blocks, not on the components: Gradio gives a
+    session a fresh component (without any instance attribute) whenever an event updates
+    it, as clicking an example does.
+    """
+    guarded = {c._id for c in components}
+    stock = demo.preprocess_data
+
+    async def preprocess_data(block_fn, inputs, state, explicit_call=False, *args, **kwargs):
+        prop_inputs = getattr(block_fn, "component_prop_inputs", ()) or ()
+        for i, block in enumerate(block_fn.inputs):
+            if getattr(block, "_id", None) not in guarded or i >= len(inputs):
+                continue
+            value = inputs[i]
+            if i in prop_inputs and isinstance(value, dict):
+                value = value.get("value")
+            if not is_own_upload(value):
+                log.info("refused a payload for %s that is not an upload", getattr(block, "label", None) or "a file")
+                raise gr.Error(UPLOAD_ONLY, print_exception=False)
+        return await stock(block_fn, inputs, state, explicit_call, *args, **kwargs)
+
+    demo.preprocess_data = preprocess_data
+
+
 IDLE_STATUS = "Add a portrait and a voice clip, then press **Generate video**. Progress shows here."
 
 
