@@ -732,26 +732,24 @@ def hand_refused_uploads_to_checks(image: gr.Image) -> gr.Image:
 UPLOAD_ONLY = "Upload the file itself, or paste its link in the link field."
 
 
-def _in_upload_folder(path: str) -> bool:
-    """Whether ``path`` names a file inside Gradio's upload folder (links and ``..`` resolved)."""
-    from gradio.utils import get_upload_folder
-
+def _in_upload_folder(path: str, folder: str) -> bool:
+    """Whether ``path`` names a file inside ``folder`` (symlinks and ``..`` resolved)."""
     if "\0" in path:
         return False
     try:
-        folder = Path(os.path.realpath(get_upload_folder()))
+        folder = Path(os.path.realpath(folder))
         target = Path(os.path.realpath(os.path.abspath(path)))
         return target != folder and target.is_relative_to(folder) and target.is_file()
     except (OSError, ValueError):
         return False
 
 
-def is_own_upload(value: Any) -> bool:
+def is_own_upload(value: Any, upload_folder: str) -> bool:
     """Whether an upload parameter's raw payload is a file Gradio received as an upload.
 
     ``None`` (nothing uploaded) passes. Anything else must be a ``gradio.FileData``
     (the ``meta`` tag present, as the page and ``gradio_client`` send it) whose ``path``
-    is a file in Gradio's upload folder, and whose ``url`` is no ``data:`` URL. Gradio
+    is a file in ``upload_folder`` (where Gradio saves uploads), and whose ``url`` is no ``data:`` URL. Gradio
     itself would download an http(s) ``path`` (no size cap, no deadline, its own address
     rules), skip every path check for a payload without ``meta``, and decode a ``data:``
     ``url`` of an image into a file: all ways round the upload limit and the link rules.
@@ -768,7 +766,7 @@ def is_own_upload(value: Any) -> bool:
     path = value["path"]
     if re.match(r"^\s*[A-Za-z][A-Za-z0-9+.-]*:", path):
         return False  # http:, https:, data:, file:, ...: Gradio's upload route gives absolute paths
-    return _in_upload_folder(path)
+    return _in_upload_folder(path, upload_folder)
 
 
 def accept_only_uploads(demo: gr.Blocks, *components: gr.components.Component) -> None:
@@ -793,7 +791,9 @@ def accept_only_uploads(demo: gr.Blocks, *components: gr.components.Component) -
             value = inputs[i]
             if i in prop_inputs and isinstance(value, dict):
                 value = value.get("value")
-            if not is_own_upload(value):
+            # Where this app's upload route saves files (fixed when the server was made).
+            folder = getattr(getattr(demo, "app", None), "uploaded_file_dir", None) or demo.GRADIO_CACHE
+            if not is_own_upload(value, folder):
                 log.info("refused a payload for %s that is not an upload", getattr(block, "label", None) or "a file")
                 raise gr.Error(UPLOAD_ONLY, print_exception=False)
         return await stock(block_fn, inputs, state, explicit_call, *args, **kwargs)
