@@ -18,6 +18,7 @@ every input of a public endpoint in ``localStorage``, is switched off by
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import os
@@ -26,6 +27,8 @@ import secrets as _secrets
 import threading
 import time
 import traceback
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
@@ -1236,7 +1239,11 @@ class Handlers:
         self.running = RunningJobs()
         # Where the app listens decides whether anonymous visitors may spend the server's keys.
         self.guard = guard or Guard(self.settings, store, host=host or launch_options()["server_name"])
-        self._input_checks = threading.BoundedSemaphore(INPUT_CHECK_CONCURRENCY)
+        # The checks inside /generate run on threads of their own: a call waiting for one of
+        # them waits in this pool's queue, not in a thread of the event loop's default pool
+        # (which Guard.enter, check_resume and the download address check need meanwhile).
+        self._input_checks = ThreadPoolExecutor(INPUT_CHECK_CONCURRENCY, thread_name_prefix="avatar-input-check")
+        weakref.finalize(self, self._input_checks.shutdown, wait=False, cancel_futures=True)
         # The app's gr.Blocks (set by app.build_demo): its upload cache is held to the size cap.
         self.blocks: Any = None
         # Files an input check is reading right now (uploads, local paths), by how many checks.
@@ -1432,8 +1439,8 @@ class Handlers:
         try:
             yield frame(board.message("Checking your files…"))
             try:
-                prepared = await asyncio.to_thread(
-                    self._checked_inputs, image_src, audio_src, provider=provider, tier=tier, version=version,
+                prepared = await self._checked_inputs(
+                    image_src, audio_src, provider=provider, tier=tier, version=version,
                     trim_silence=bool(trim_silence),
                 )
             except AvatarError as exc:
@@ -1476,12 +1483,19 @@ class Handlers:
         finally:
             await events.aclose()
 
-    def _checked_inputs(self, image_src, audio_src, **kw):
-        """prepare_inputs, at most INPUT_CHECK_CONCURRENCY at once in this process (in a worker thread)."""
+    async def _checked_inputs(self, image_src, audio_src, **kw):
+        """prepare_inputs on the app's own input-check threads: at most INPUT_CHECK_CONCURRENCY
+        at once, all visitors together; the rest wait in that pool's queue (holding no thread).
+        A caller that leaves while still queued takes its check out of the queue."""
         from .media.inputs import prepare_inputs
 
-        with self._input_checks, self._checking(image_src, audio_src):
-            return prepare_inputs(image_src, audio_src, settings=self.settings, **kw)
+        def check():
+            with self._checking(image_src, audio_src):
+                return prepare_inputs(image_src, audio_src, settings=self.settings, **kw)
+
+        # The caller's context goes along (the keys to redact from any log line, as to_thread does).
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._input_checks, context.run, check)
 
     # -- after a job, and the Stop button
 
