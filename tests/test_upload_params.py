@@ -182,6 +182,19 @@ def test_gradio_client_handle_file_of_a_url_is_refused_too(site):
     assert not [p for p in site.cached() - cached if p.read_bytes() == site.files["face"].read_bytes()]
 
 
+def test_the_rest_api_route_refuses_a_url_the_same_way(site):
+    """``/gradio_api/call/generate`` (Gradio's plain-HTTP API) reaches the same rule."""
+    before, cached = len(site.web.hits), site.cached()
+    voice = site.upload(site.files["voice"])
+    data = site.generate_data({"path": site.web.url("/face.jpg"), "meta": META}, voice)[:-1]  # no session state
+    r = httpx.post(f"{site.base}/gradio_api/call/generate", json={"data": data}, timeout=30)
+    assert r.status_code == 200, r.text
+    answer = httpx.get(f"{site.base}/gradio_api/call/generate/{r.json()['event_id']}", timeout=60).text
+    assert "event: error" in answer and UPLOAD_ONLY in answer, answer
+    assert site.web.hits[before:] == []
+    assert site.cached() - cached == {Path(voice["path"])}
+
+
 def test_data_urls_and_server_paths_in_the_upload_are_refused(site):
     face = site.upload(site.files["face"])
     data_url = "data:image/jpeg;base64," + base64.b64encode(site.files["face"].read_bytes()).decode()
