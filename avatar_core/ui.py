@@ -781,16 +781,23 @@ def accept_only_uploads(demo: gr.Blocks, *components: gr.components.Component) -
     :data:`UPLOAD_ONLY`; a link belongs in the link field, whose fetcher applies the app's
     rules (media/fetch.py). Installed on the Blocks, not on the components: Gradio gives a
     session a fresh component (without any instance attribute) whenever an event updates
-    it, as clicking an example does.
+    it, as clicking an example does. That copy is given the original's own ``preprocess``
+    too (see :func:`hand_refused_uploads_to_checks`), so the words for a file Gradio
+    cannot open survive an example click.
     """
-    guarded = {c._id for c in components}
+    originals = {c._id: c for c in components}
     stock = demo.preprocess_data
 
     async def preprocess_data(block_fn, inputs, state, explicit_call=False, *args, **kwargs):
         prop_inputs = getattr(block_fn, "component_prop_inputs", ()) or ()
         for i, block in enumerate(block_fn.inputs):
-            if getattr(block, "_id", None) not in guarded or i >= len(inputs):
+            original = originals.get(getattr(block, "_id", None))
+            if original is None or i >= len(inputs):
                 continue
+            if state is not None and block._id in state:
+                copy = state[block._id]
+                if copy is not original and "preprocess" in vars(original) and "preprocess" not in vars(copy):
+                    copy.preprocess = vars(original)["preprocess"]
             value = inputs[i]
             if i in prop_inputs and isinstance(value, dict):
                 value = value.get("value")
