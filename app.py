@@ -17,11 +17,11 @@ from pathlib import Path
 # mount_gradio_app) too.
 os.environ["GRADIO_RUN_HISTORY"] = "false"
 
-import gradio as gr  # noqa: E402
+import gradio as gr
 
-from avatar_core import ui  # noqa: E402
-from avatar_core.config import Settings, load_settings  # noqa: E402
-from avatar_core.guard import auth_credentials  # noqa: E402
+from avatar_core import ui
+from avatar_core.config import Settings, load_settings
+from avatar_core.guard import auth_credentials
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES_DIR = HERE / "examples"
@@ -82,7 +82,7 @@ def build_demo(settings: Settings | None = None, *, store=None, host: str | None
         visitor = gr.State(None)
         unfinished_note = gr.Markdown("", elem_id="unfinished-note")
 
-        with gr.Tabs(elem_id="tabs") as tabs:
+        with gr.Tabs(elem_id="tabs"):
             with gr.Tab("Make a video", id="make", elem_id="tab-make"):
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=1, min_width=300):

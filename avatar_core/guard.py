@@ -53,8 +53,8 @@ import threading
 import time
 from collections import Counter
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
-from typing import AsyncIterator, Callable
+from datetime import datetime, timedelta, UTC
+from collections.abc import AsyncIterator, Callable
 
 from .config import Settings, parse_auth
 from .errors import InputError
@@ -129,8 +129,8 @@ def _usd(amount: float) -> str:
 
 
 def _next_utc_midnight(now: float) -> datetime:
-    today = datetime.fromtimestamp(now, tz=timezone.utc).date()
-    return datetime.combine(today + timedelta(days=1), datetime.min.time(), tzinfo=timezone.utc)
+    today = datetime.fromtimestamp(now, tz=UTC).date()
+    return datetime.combine(today + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
 
 
 def _until(seconds: float) -> str:
@@ -146,7 +146,7 @@ def _until(seconds: float) -> str:
 
 def utc_day(now: float) -> str:
     """The UTC date of an epoch time as YYYY-MM-DD: the day the daily limits count in."""
-    return datetime.fromtimestamp(now, tz=timezone.utc).date().isoformat()
+    return datetime.fromtimestamp(now, tz=UTC).date().isoformat()
 
 
 # ----------------------------------------------------------------------------- the guard
@@ -158,7 +158,7 @@ class Ticket:
     Not created directly: :meth:`Guard.admit` returns it.
     """
 
-    def __init__(self, guard: "Guard", owner: str, provider: str, usage_id: int | None, *,
+    def __init__(self, guard: Guard, owner: str, provider: str, usage_id: int | None, *,
                  paid_by_server: bool = False, cost_microusd: int | None = None) -> None:
         self._guard = guard
         self.owner = owner
@@ -219,7 +219,7 @@ class Ticket:
         """
         return _WatchedEvents(self, events)
 
-    def __enter__(self) -> "Ticket":
+    def __enter__(self) -> Ticket:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -233,7 +233,7 @@ class Place:
     :meth:`close`, or leaving the ``with`` block, frees it if that never happened.
     """
 
-    def __init__(self, guard: "Guard", owner: str, provider: str, uses_server_key: bool, logged_in: bool) -> None:
+    def __init__(self, guard: Guard, owner: str, provider: str, uses_server_key: bool, logged_in: bool) -> None:
         self._guard = guard
         self.owner = owner
         self.provider = provider
@@ -252,7 +252,7 @@ class Place:
         """Free the slot unless it became a ticket. Idempotent."""
         self._guard._leave(self)
 
-    def __enter__(self) -> "Place":
+    def __enter__(self) -> Place:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -450,7 +450,7 @@ class Guard:
                 return
             try:
                 self._ledger.commit_usage(ticket._usage_id, request_id=request_id, now=self._clock())
-            except Exception:  # noqa: BLE001 - the job is running; it must not fail over bookkeeping
+            except Exception:
                 # The row stays "reserved" and counted (close() will not release a
                 # submitted ticket), so the error can only overcount, never lose money.
                 log.exception("usage ledger: could not mark a job as submitted; it stays counted")
@@ -466,7 +466,7 @@ class Guard:
         with self._lock:
             try:
                 usage = self._ledger.correct_usage(ticket._usage_id, cost_microusd=real, now=now)
-            except Exception:  # noqa: BLE001 - the video is made; bookkeeping must not lose it
+            except Exception:
                 log.exception("usage ledger: could not correct a finished job's cost")
                 return ""
             ticket.cost_microusd = real
@@ -508,7 +508,7 @@ class Guard:
             if ticket._usage_id is not None and not ticket._submitted:
                 try:
                     self._ledger.release_usage(ticket._usage_id)
-                except Exception:  # noqa: BLE001 - close() runs in finally blocks; never mask the real error
+                except Exception:
                     log.exception("usage ledger: could not refund a job that was never submitted; it stays counted")
 
 
@@ -524,7 +524,7 @@ class _WatchedEvents:
         self._ticket = ticket
         self._events = events
 
-    def __aiter__(self) -> "_WatchedEvents":
+    def __aiter__(self) -> _WatchedEvents:
         return self
 
     async def __anext__(self) -> JobEvent:

@@ -31,7 +31,8 @@ import traceback
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from urllib.parse import unquote, urlparse
 
 import httpx
@@ -345,7 +346,7 @@ async def _guarded(ctx: _Context, stages: AsyncIterator[JobEvent]) -> AsyncItera
         exc.message = redact(exc.message, ctx.secrets)
         _record_end(ctx, exc)
         yield _failed_event(exc, ctx.provider.name, ctx.handle.request_id if ctx.handle else None, ctx.elapsed())
-    except Exception as exc:  # noqa: BLE001 - a bug of ours: logged (scrubbed), the job kept findable
+    except Exception as exc:
         # A bug of ours, but its text may quote a provider's answer: the traceback is scrubbed too.
         log.error("unexpected error in job %s:\n%s", ctx.handle.request_id if ctx.handle else "(not submitted)",
                   redact("".join(traceback.format_exception(exc)), ctx.secrets))
@@ -756,7 +757,7 @@ async def _cancel_remote(ctx: _Context) -> None:
         try:
             # Shielded and bounded: the consumer is already gone, but the job costs money.
             cancelled = await asyncio.wait_for(asyncio.shield(ctx.provider.cancel(ctx.handle)), timeout=10)
-        except (AvatarError, asyncio.TimeoutError, asyncio.CancelledError) as exc:
+        except (TimeoutError, AvatarError, asyncio.CancelledError) as exc:
             # The provider's words may echo the key or a header: scrubbed here, not only by the log filter.
             log.warning("could not cancel %s: %s", ctx.handle.request_id, redact(str(exc), ctx.secrets))
     if cancelled:
@@ -837,7 +838,7 @@ def _store_call(store: Any, method: str, *args, **kwargs):
         return None
     try:
         return getattr(store, method)(*args, **kwargs)
-    except Exception:  # noqa: BLE001 - the store is best effort by design
+    except Exception:
         log.exception("job store %s failed", method)
         return None
 

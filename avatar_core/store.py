@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from datetime import date as _date
 from datetime import timedelta as _timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from .config import Secret, Settings
@@ -99,9 +100,9 @@ class StoreError(AvatarError):
 class _AllOwners:
     """Type of :data:`ALL_OWNERS`."""
 
-    _instance: "_AllOwners | None" = None
+    _instance: _AllOwners | None = None
 
-    def __new__(cls) -> "_AllOwners":
+    def __new__(cls) -> _AllOwners:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -446,7 +447,7 @@ class JobStore:
         with self._read() as conn:
             return _select_one(conn, provider, request_id)
 
-    def list_jobs(self, *, owner: "str | None | _AllOwners", limit: int = 100) -> list[JobRecord]:
+    def list_jobs(self, *, owner: str | _AllOwners | None, limit: int = 100) -> list[JobRecord]:
         """Jobs newest first. ``owner`` is required and is a security boundary.
 
         A string returns only that owner's jobs, ``None`` only jobs without an owner
@@ -460,7 +461,7 @@ class JobStore:
             ).fetchall()
         return [_record(r) for r in rows]
 
-    def unfinished(self, *, owner: "str | None | _AllOwners") -> list[JobRecord]:
+    def unfinished(self, *, owner: str | _AllOwners | None) -> list[JobRecord]:
         """Jobs the provider may still be working on (not terminal), newest first.
 
         Includes ``timed_out`` jobs: our wait ended but the remote job may finish.
@@ -909,24 +910,24 @@ def open_store(settings: Settings) -> JobStore:
 
 __all__ = [
     "ALL_OWNERS",
-    "COMPLETED",
     "CANCELLED",
+    "COMPLETED",
     "DOWNLOADING",
     "EXPIRED",
     "FAILED",
     "ID_UNKNOWN",
-    "JobRecord",
-    "JobStore",
     "PROCESSING",
     "QUEUED",
     "SCHEMA_VERSION",
     "STATUSES",
     "SUBMITTED",
-    "StatusChange",
-    "StoreError",
     "TERMINAL_STATUSES",
     "TIMED_OUT",
     "UNKNOWN_ID_PREFIX",
+    "JobRecord",
+    "JobStore",
+    "StatusChange",
+    "StoreError",
     "Usage",
     "open_store",
 ]

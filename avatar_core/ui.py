@@ -33,7 +33,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 
 import gradio as gr
 
@@ -722,7 +723,7 @@ def hand_refused_uploads_to_checks(image: gr.Image) -> gr.Image:
     def preprocess(payload):
         try:
             return stock(payload)
-        except Exception:  # noqa: BLE001 - judged by our checks instead
+        except Exception:
             path = getattr(payload, "path", None)
             if image.type == "filepath" and path:
                 return str(path)
@@ -832,7 +833,7 @@ def open_job_store(settings: Settings):
         from .store import open_store
 
         return open_store(settings)
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.exception("job history unavailable; continuing without it")
         return None
 
@@ -854,7 +855,7 @@ class DetachedJob:
     stops a submitted job, cancelling it at the provider where the provider can.
     """
 
-    def __init__(self, events: AsyncIterator[JobEvent], owner: str | None, registry: "RunningJobs",
+    def __init__(self, events: AsyncIterator[JobEvent], owner: str | None, registry: RunningJobs,
                  inputs: Sequence[str | Path] = ()) -> None:
         self.owner = owner
         self.inputs = tuple(str(p) for p in inputs if p and "://" not in str(p))  # files it reads
@@ -876,7 +877,7 @@ class DetachedJob:
                     self._queue.put_nowait(event)
         except asyncio.CancelledError:
             pass
-        except Exception:  # noqa: BLE001 - jobs.py turns errors into events; this is a last guard
+        except Exception:
             log.exception("background job %s ended with an error", self.request_id or "(not submitted)")
         finally:
             await events.aclose()
@@ -953,7 +954,7 @@ class RunningJobs:
         job.task.cancel()
         try:
             await asyncio.wait_for(asyncio.shield(job.task), timeout=15)
-        except (asyncio.CancelledError, asyncio.TimeoutError):
+        except (TimeoutError, asyncio.CancelledError):
             pass
         return True
 
@@ -1001,7 +1002,7 @@ def apply_retention(store: Any, settings: Settings, *, now: float | None = None,
                 max_age_s=None if settings.retention_days is None else settings.retention_days * 86400.0,
                 max_total_bytes=None if settings.retention_max_mb is None else settings.retention_max_mb * 1024 * 1024,
             )
-        except Exception:  # noqa: BLE001 - upkeep must never stop the app
+        except Exception:
             log.exception("retention cleanup failed")
             cleaned = []
         if cleaned:
@@ -1130,7 +1131,7 @@ def sweep_old_files(store: Any, settings: Settings, *, now: float | None = None)
     if store is not None:
         try:
             keep = {str(Path(p).resolve()) for p in store.output_paths()}
-        except Exception:  # noqa: BLE001 - without knowing what the history needs, keep every video
+        except Exception:
             log.exception("retention: could not read the history; the videos folder is left alone")
             keep = None  # type: ignore[assignment]
     root = Path(settings.output_dir)
@@ -1179,7 +1180,7 @@ def startup_upkeep(store: Any, settings: Settings) -> str:
         from .store import ALL_OWNERS
 
         waiting = [r for r in store.unfinished(owner=ALL_OWNERS) if r.provider != "local"]
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.exception("could not read the job history")
         return "job history unreadable"
     if not waiting:
@@ -1321,7 +1322,7 @@ class Handlers:
                 check = check_image(source, settings=self.settings)
         except AvatarError as exc:
             return None, problem_markdown(exc.message)
-        except Exception as exc:  # noqa: BLE001 - never a traceback in the page
+        except Exception as exc:
             return None, problem_markdown(friendly_unexpected(exc))
         return check.preview, image_check_markdown(check)
 
@@ -1342,7 +1343,7 @@ class Handlers:
                 )
         except AvatarError as exc:
             return None, problem_markdown(exc.message), None
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return None, problem_markdown(friendly_unexpected(exc)), None
         return str(check.waveform_png), audio_check_markdown(check), check.duration_s
 
@@ -1394,7 +1395,7 @@ class Handlers:
                 yield (redact(frame[0], secrets), *frame[1:])
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the user sees words, the log the traceback
+        except Exception as exc:
             failed = board.failed(friendly_unexpected(exc, secrets), kind="InternalError")
             yield (failed, board.request_id or "", *([None] * (width - 2)))
         finally:
@@ -1547,7 +1548,7 @@ class Handlers:
             return []
         try:
             return self.store.list_jobs(owner=owner, limit=HISTORY_LIMIT)
-        except Exception:  # noqa: BLE001 - a broken history file must not break the page
+        except Exception:
             log.exception("could not read the job history")
             return []
 
@@ -1589,7 +1590,7 @@ class Handlers:
         if self.store is not None and provider and request_id:
             try:
                 record = self.store.get(provider, request_id)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("could not read the job history")
         board = StatusBoard(provider=provider or "wavespeed", tier=getattr(record, "tier", None) or "standard",
                             version=getattr(record, "version", None) or default_version(provider or "wavespeed"))

@@ -185,7 +185,7 @@ def _run_one(client: Client, inputs, provider: str, api_key: str) -> list[tuple]
     frames = [tuple(o) for o in job.outputs()]
     try:
         frames.append(tuple(job.result()))
-    except Exception as exc:  # noqa: BLE001 - recorded and asserted on below
+    except Exception as exc:
         frames.append((f"gradio_client error: {exc}",))
     return frames
 
@@ -200,7 +200,7 @@ def _drive_provider(url: str, emu: Emulator, provider: str, inputs, runs: list[R
             run = Run(provider, mode, name)
             try:
                 run.frames = _run_one(client, inputs, provider, key if mode == "user" else "")
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 run.error = f"{type(exc).__name__}: {exc}"
             runs.append(run)
             emu.faults.clear()

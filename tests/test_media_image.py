@@ -161,7 +161,7 @@ def test_truncated_file(tmp_path, settings):
 
 def test_text_file_named_png(tmp_path, settings):
     (tmp_path / "notes.png").write_text("hello, I am not a picture\n" * 20)
-    with pytest.raises(InputError, match="notes.png is not an image we can read. Use a JPEG, PNG"):
+    with pytest.raises(InputError, match=r"notes\.png is not an image we can read. Use a JPEG, PNG"):
         check_image(tmp_path / "notes.png", settings=settings)
 
 

@@ -180,7 +180,7 @@ def test_a_links_download_is_deleted_after_the_check_pass_or_fail(server, settin
     private.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(private))
     server.routes["/page.html"] = (200, {"Content-Type": "text/html"}, b"<html><script>x()</script></html>")
-    with pytest.raises(InputError, match="page.html is not an image we can read") as exc:
+    with pytest.raises(InputError, match=r"page\.html is not an image we can read") as exc:
         check_image(Link(server.url("/page.html")), settings=settings)
     assert str(private) not in exc.value.message and "url-" not in exc.value.message
     ok = check_image(Link(server.url("/face.jpg")), settings=settings)

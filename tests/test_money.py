@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from avatar_core.media.pricing import estimate_cost
 from avatar_core.store import ID_UNKNOWN, JobStore
 from tests.media_factory import make_image, make_tone
 
-NOON = datetime(2026, 11, 10, 12, 0, tzinfo=timezone.utc).timestamp()
+NOON = datetime(2026, 11, 10, 12, 0, tzinfo=UTC).timestamp()
 AUDIO_S = 2.5
 
 # provider -> (submit path, version, dashboard words in the message, a readable-looking reply without an id)
